@@ -1,0 +1,92 @@
+"""Typed model hyperparameters with named sizes (nanoGPT's GPTConfig, big_vision's variants)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+Pooling = Literal["llip", "cls", "avg", "register"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # --- image tower (ViT) ---
+    image_size: int = 224  # input resolution, square
+    patch_size: int = 16  # ViT patch size; image_size must be a multiple
+    width: int = 768  # ViT hidden size
+    layers: int = 12  # ViT depth
+    heads: int = 12  # ViT self-attention heads
+    mlp_ratio: float = 4.0  # ViT MLP hidden = mlp_ratio * width
+    # --- text tower (causal transformer pooled at the end-of-text token) ---
+    context_length: int = 77  # tokens per caption, SOT and EOT included
+    vocab_size: int = 49408  # must cover the tokenizer's ids (see llip_core.tokenizer)
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    # --- joint space ---
+    embed_dim: int = 512  # D: dimension of image and text embeddings
+    # --- how an image is summarised ---
+    # "llip": K mixture tokens + text-conditioned cross-attention (the paper's model);
+    # "cls": one class token, one pooled embedding (CLIP / SigLIP baselines);
+    # "avg" / "register": K mixture tokens, mean-pooled / first token, no cross-attention (ablations).
+    pooling: Pooling = "llip"
+    mixture_tokens: int = 32  # K; ignored for "cls"
+    cross_heads: int = 8  # H of the Llip cross-attention; 8 in every released config
+    tau: float = 5.0  # softmax temperature over the K mixture tokens (no 1/sqrt(d) scaling)
+    init_std: float | None = None  # None: CLIP's width-scaled init (learns at once; see DESIGN.md)
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.pooling == "llip" and self.embed_dim % self.cross_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by cross_heads {self.cross_heads}")
+        if self.pooling != "cls" and self.mixture_tokens < 1:
+            raise ValueError("mixture_tokens must be >= 1")
+        if self.tau <= 0:
+            raise ValueError("tau must be > 0")
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Tokens prepended to the patches: K mixture tokens, or one class token."""
+        return 1 if self.pooling == "cls" else self.mixture_tokens
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_B = dict(width=768, layers=12, heads=12, text_width=512, text_layers=12, text_heads=8, embed_dim=512)
+
+# Named sizes. The paper's shapes follow the MetaCLIP/Llip releases (G/14 is the "bigG" shape).
+SIZES: dict[str, ModelConfig] = {
+    # CPU tests and demos: 32 px images, byte/word-sized vocabularies from llip_core.tokenizer.
+    "tiny": ModelConfig(
+        image_size=32, patch_size=4, width=128, layers=4, heads=4, context_length=16, vocab_size=4096,
+        text_width=128, text_layers=4, text_heads=4, embed_dim=128, mixture_tokens=8, tau=5.0,
+    ),
+    # unit tests that only need the shapes to line up
+    "micro": ModelConfig(
+        image_size=16, patch_size=8, width=32, layers=1, heads=2, context_length=8, vocab_size=512,
+        text_width=32, text_layers=1, text_heads=2, embed_dim=32, mixture_tokens=4, cross_heads=4, tau=5.0,
+    ),
+    "B/32": ModelConfig(patch_size=32, mixture_tokens=64, tau=5.0, **_B),
+    "B/16": ModelConfig(patch_size=16, mixture_tokens=32, tau=5.0, **_B),
+    "L/14": ModelConfig(
+        patch_size=14, width=1024, layers=24, heads=16, text_width=768, text_layers=12, text_heads=12,
+        embed_dim=768, mixture_tokens=64, tau=1.0,
+    ),
+    "H/14": ModelConfig(
+        patch_size=14, width=1280, layers=32, heads=16, text_width=1024, text_layers=24, text_heads=16,
+        embed_dim=1024, mixture_tokens=64, tau=5.0,
+    ),
+    "G/14": ModelConfig(
+        patch_size=14, width=1664, layers=48, heads=16, mlp_ratio=8192 / 1664, text_width=1280,
+        text_layers=32, text_heads=20, embed_dim=1280, mixture_tokens=64, tau=5.0,
+    ),
+}
+
+
+def model_config(size: str, **overrides) -> ModelConfig:
+    """The named size with fields overridden (None values are ignored)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+    return SIZES[size].replace(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,54 @@
+"""`llip` command line. Each subcommand lives in its own module with `add_args(parser)` and
+`cli(args) -> int`; modules import ray/mlflow lazily so `llip --help` and `llip validate` are fast."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from orchestrator.errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "validate": ("orchestrator.config_cli", "validate experiment YAML files against the schema"),
+    "run": ("orchestrator.driver", "train one experiment on a Ray cluster (local by default)"),
+    "sweep": ("orchestrator.sweep", "run the experiment's sweep: section with Ray Tune"),
+    "compare": ("orchestrator.compare", "table of a sweep's trials from MLflow, sorted by its metric"),
+    "submit": ("orchestrator.jobs", "submit a run or sweep to a remote Ray cluster as a Ray job"),
+    "shards": ("orchestrator.shards", "write WebDataset shards (local or s3://) from a data source"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llip", description="Llip / CLIP / SigLIP experiments on Ray, tracked in MLflow")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            p.set_defaults(_module=None)
+            continue
+        mod.add_args(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args._module is None:
+        print(f"llip: error: '{args.command}' is not available in this build", file=sys.stderr)
+        return 2
+    try:
+        return int(args._module.cli(args) or 0)
+    except UserError as e:
+        print(f"llip: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
