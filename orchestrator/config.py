@@ -46,10 +46,14 @@ class ModelSection(_Strict):
     vocab_size: Optional[int] = Field(None, ge=16)
     embed_dim: Optional[int] = Field(None, ge=8)
 
-    def resolve(self):
+    def resolve(self, loss_type: str = "llip"):
+        """The llip_core ModelConfig; pooling, when not given, follows the loss type."""
         from llip_core.config import model_config
 
-        return model_config(self.size, **self.model_dump(exclude={"size"}))
+        fields = self.model_dump(exclude={"size"})
+        if fields["pooling"] is None:
+            fields["pooling"] = "llip" if loss_type.startswith("llip") else "cls"
+        return model_config(self.size, **fields)
 
 
 class LossSection(_Strict):
@@ -162,11 +166,13 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
-        m = self.model.resolve()  # raises ValueError on inconsistent shapes
+        m = self.resolved_model()  # raises ValueError on inconsistent shapes
         if self.loss.type.startswith("llip") and m.pooling != "llip":
-            raise ValueError(f"loss.type {self.loss.type!r} needs model.pooling 'llip' (got {m.pooling!r})")
+            raise ValueError(f"loss.type {self.loss.type!r} needs model.pooling llip (got {m.pooling!r}); "
+                             "leave model.pooling unset to follow the loss type")
         if not self.loss.type.startswith("llip") and m.pooling == "llip":
-            raise ValueError(f"model.pooling 'llip' needs loss.type llip or llip_infonce (got {self.loss.type!r})")
+            raise ValueError(f"model.pooling llip needs loss.type llip or llip_infonce (got {self.loss.type!r}); "
+                             "leave model.pooling unset to follow the loss type")
         if self.data.batch_size % self.scaling.num_workers:
             raise ValueError(
                 f"data.batch_size {self.data.batch_size} is not divisible by scaling.num_workers {self.scaling.num_workers}"
@@ -174,10 +180,13 @@ class ExperimentConfig(_Strict):
         return self
 
     # -- helpers -------------------------------------------------------------------------------
+    def resolved_model(self):
+        return self.model.resolve(self.loss.type)
+
     def flat(self) -> dict[str, Any]:
         """Every resolved value as dotted keys (model values resolved through the named size)."""
         d = self.model_dump(mode="json", exclude={"sweep"})
-        d["model"] = {"size": self.model.size, **_dataclass_dict(self.model.resolve())}
+        d["model"] = {"size": self.model.size, **_dataclass_dict(self.resolved_model())}
         out: dict[str, Any] = {}
         _flatten(d, "", out)
         return out

@@ -18,5 +18,5 @@ def cli(args) -> int:
             bad += 1
             continue
         kind = "sweep" if cfg.sweep else "run"
-        print(f"ok  {f}: {cfg.name} ({kind}, model {cfg.model.size}/{cfg.model.resolve().pooling}, loss {cfg.loss.type})")
+        print(f"ok  {f}: {cfg.name} ({kind}, model {cfg.model.size}/{cfg.resolved_model().pooling}, loss {cfg.loss.type})")
     return 2 if bad else 0

@@ -1,0 +1,232 @@
+"""`llip run`: the driver that builds a TorchTrainer for one experiment and ties it to one MLflow run.
+
+Order matters for "nothing half-written": the config is validated and the data preflighted before
+an MLflow run exists; once it exists, any failure marks it FAILED with the error as a tag.
+"""
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from orchestrator.config import ConfigError, ExperimentConfig, load_config, resolved_yaml
+from orchestrator.errors import UserError
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_name: str
+    tracking_uri: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Optional[str] = None
+
+
+def add_args(p) -> None:
+    p.add_argument("file", metavar="FILE.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by dotted path, e.g. --set train.steps=50 (repeatable)")
+    p.add_argument("--run-name", default=None,
+                   help="name of the run; relaunching with an existing name resumes it from its latest checkpoint")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=50")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def cli(args) -> int:
+    cfg = load_config(args.file)
+    if args.overrides:
+        cfg = cfg.with_overrides(parse_overrides(args.overrides))
+    result = run_experiment(cfg, run_name=args.run_name)
+    print_summary(cfg, result)
+    return 0
+
+
+def init_ray() -> None:
+    """Connect to $RAY_ADDRESS or a cluster started on this machine, else start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, configure_logging=False)
+
+
+def storage_path(cfg: ExperimentConfig) -> str:
+    p = cfg.storage_path
+    return p if "://" in p else str(Path(p).resolve())
+
+
+def _find_run(c, exp_id: str, run_name: str):
+    runs = c.search_runs([exp_id], filter_string=f"tags.`llip.run_name` = '{run_name}'", max_results=1)
+    return runs[0] if runs else None
+
+
+def start_mlflow_run(cfg: ExperimentConfig, run_name: Optional[str], parent_run_id: Optional[str] = None,
+                     tags: Optional[dict[str, str]] = None):
+    """Create (or, for an existing run name, reopen) the MLflow run; returns (client, uri, run_id, run_name)."""
+    from orchestrator import tracking
+
+    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    c = tracking.client(uri)
+    try:
+        exp_id = tracking.experiment_id(c, cfg.mlflow.experiment or cfg.name)
+    except Exception as e:  # an unreachable tracking server must fail before training, in one line
+        raise UserError(f"MLflow tracking store {uri} is not usable ({type(e).__name__}); check MLFLOW_TRACKING_URI") from None
+    existing = _find_run(c, exp_id, run_name) if run_name else None
+    if existing is not None:
+        run_id = existing.info.run_id
+        c.update_run(run_id, status="RUNNING")
+        return c, uri, run_id, run_name, True
+    all_tags = {"llip.git_commit": tracking.git_commit(), "llip.config_fingerprint": cfg.fingerprint(),
+                **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(exp_id, tags=all_tags, run_name=run_name)
+    run_id = run.info.run_id
+    run_name = run_name or f"{cfg.name}-{run_id[:8]}"
+    c.set_tag(run_id, "mlflow.runName", run_name)
+    c.set_tag(run_id, "llip.run_name", run_name)
+    tracking.log_params(c, run_id, cfg.flat())
+    c.log_text(run_id, resolved_yaml(cfg), "config/experiment.yaml")
+    return c, uri, run_id, run_name, False
+
+
+def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent_run_id: Optional[str] = None,
+                   tags: Optional[dict[str, str]] = None) -> RunResult:
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.data import build_datasets
+    from orchestrator.train import train_loop_per_worker
+
+    init_ray()
+    datasets, stats = build_datasets(cfg)  # preflight: fails in one line before any MLflow run exists
+    c, uri, run_id, run_name, resumed = start_mlflow_run(
+        cfg, run_name, parent_run_id, {**manifest_tags(cfg), **(tags or {})})
+    print(f"[llip] {'resuming' if resumed else 'starting'} run {run_name} (MLflow run {run_id} in {uri})", flush=True)
+
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker or 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "experiment": cfg.model_dump(mode="json"),
+            "mlflow_run_id": run_id,
+            "tracking_uri": uri,
+            "data_stats": stats,
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path(cfg),
+            storage_filesystem=_storage_filesystem(cfg),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    try:
+        result = trainer.fit()
+        if getattr(result, "error", None):
+            raise result.error
+    except BaseException as e:
+        msg = _one_line(e)
+        c.set_tag(run_id, "llip.error", msg[:5000])
+        c.log_text(run_id, "".join(traceback.format_exception(e)), "error.txt")
+        c.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise UserError(f"run {run_name} failed: {msg} (MLflow run {run_id} marked FAILED)") from e
+
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    if ckpt:
+        c.set_tag(run_id, "llip.checkpoint", ckpt)
+    _log_curves(c, run_id)
+    c.set_terminated(run_id, status="FINISHED")
+    return RunResult(run_id=run_id, run_name=run_name, tracking_uri=uri, metrics=dict(result.metrics or {}),
+                     checkpoint=ckpt)
+
+
+def manifest_tags(cfg: ExperimentConfig) -> dict[str, str]:
+    """Fingerprint of the training data's manifest (written by `llip shards`), for the run's tags."""
+    import hashlib
+    import json
+
+    train = cfg.data.train.rstrip("/")
+    parent = train.rsplit("/", 1)[0] if "/" in train else "."
+    try:
+        if "://" in parent:
+            return {}
+        text = (Path(parent) / "manifest.json").read_text()
+    except OSError:
+        return {}
+    m = json.loads(text)
+    fp = m.get("fingerprint") or hashlib.sha1(text.encode()).hexdigest()[:12]
+    return {"llip.data_manifest": str(fp)}
+
+
+def _storage_filesystem(cfg: ExperimentConfig):
+    if cfg.storage_path.startswith("s3://"):
+        from orchestrator.s3 import arrow_filesystem
+
+        return arrow_filesystem(cfg.data.s3)
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    """The innermost error's message, on one line (Ray wraps worker errors several levels deep)."""
+    seen = e
+    while True:
+        nxt = getattr(seen, "cause", None) or seen.__cause__
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    text = str(seen).strip().splitlines()
+    last = next((line for line in reversed(text) if line.strip()), "") if text else ""
+    return f"{type(seen).__name__}: {last}" if last else type(seen).__name__
+
+
+def _log_curves(c, run_id: str) -> None:
+    """Loss and eval curves as one PNG artifact, so the MLflow UI shows them next to the run."""
+    from orchestrator.plots import plot_run_curves
+
+    try:
+        plot_run_curves(c, run_id)
+    except Exception as e:  # a plot must never fail a finished run
+        print(f"[llip] warning: could not plot curves: {e}", flush=True)
+
+
+def print_summary(cfg: ExperimentConfig, r: RunResult) -> None:
+    m = r.metrics
+    n_eval = m.get("eval/num_samples")
+    rows = [
+        ("run", r.run_name),
+        ("model / loss", f"{cfg.model.size} {cfg.resolved_model().pooling} / {cfg.loss.type}"),
+        ("steps", f"{m.get('step', '?')}"),
+        ("final train loss", f"{m['train/loss']:.4f}" if "train/loss" in m else "-"),
+    ]
+    for k, label in [("eval/i2t_r@1", "image->text R@1"), ("eval/i2t_r@5", "image->text R@5"),
+                     ("eval/t2i_r@1", "text->image R@1"), ("eval/t2i_r@5", "text->image R@5")]:
+        if k in m:
+            rows.append((f"held-out {label}", f"{100 * m[k]:.2f}%"))
+    if n_eval:
+        rows.append(("chance R@1 / R@5", f"{100 / n_eval:.2f}% / {500 / n_eval:.2f}% ({int(n_eval)} held-out pairs)"))
+    rows += [("checkpoint", r.checkpoint or "-"), ("MLflow store", r.tracking_uri), ("MLflow run id", r.run_id)]
+    w = max(len(a) for a, _ in rows)
+    print()
+    for a, b in rows:
+        print(f"  {a:<{w}}  {b}")
+    print(f"\nSee it in the MLflow UI:  mlflow ui --backend-store-uri {r.tracking_uri}  (then open http://127.0.0.1:5000)")

@@ -1,0 +1,79 @@
+"""MLflow in one place: where the store is, run creation and finishing, and the rank-0 metric logger.
+
+The driver creates the run (so a crash can mark it FAILED and resume can find it again); rank 0 of
+the TorchTrainer logs metrics into that run id. Nothing else logs, so there are no duplicate runs.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Optional
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(configured: Optional[str] = None) -> str:
+    """YAML value, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
+
+    Relative sqlite paths are made absolute so Ray workers (other cwd) write to the same file.
+    """
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    elif "://" not in uri:  # a bare path: MLflow 3 refuses plain file stores, so say so early
+        from orchestrator.errors import UserError
+
+        raise UserError(f"MLflow tracking URI {uri!r} is a bare path; use sqlite:///{uri}.db or http://HOST:5000")
+    return uri
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(c, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp else c.create_experiment(name)
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def log_params(c, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        c.log_batch(run_id, params=items[i : i + 100])
+
+
+class MetricLogger:
+    """Rank 0's buffer of step metrics, flushed as one log_batch per report."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client = client(uri)
+        self.run_id = run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+
+def metric_history(c, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in sorted(c.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))]

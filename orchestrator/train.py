@@ -1,0 +1,171 @@
+"""The per-worker training loop that TorchTrainer runs on every rank.
+
+It calls llip_core for everything numerical (the task object hides the model type), reads its data
+shard from Ray Data, and reports every `log_every` steps on every rank (Ray Train requires all ranks
+to report). Rank 0 alone writes metrics to MLflow and checkpoints to the run's storage path.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+CKPT_FILE = "state.pt"
+
+
+def _save_checkpoint(state: dict[str, Any]):
+    import ray.train
+
+    d = tempfile.mkdtemp(prefix="llip-ckpt-")
+    torch.save(state, os.path.join(d, CKPT_FILE))
+    return ray.train.Checkpoint.from_directory(d)
+
+
+def _load_checkpoint() -> dict[str, Any] | None:
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=False)
+
+
+def _all_reduce_mean(values: list[float], world: int) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return (t / world).tolist()
+
+
+def evaluate(core, dataset_shard, device, batch_size: int = 256) -> dict[str, float]:
+    """Held-out retrieval (image<->text recall@k) through llip_core, for every model type."""
+    from llip_core.evaluate import retrieval_recall
+
+    images, tokens = [], []
+    for batch in dataset_shard.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.float32, "tokens": torch.int64}):
+        images.append(batch["image"])
+        tokens.append(batch["tokens"])
+    if not images:
+        return {}
+    core.eval()
+    out = retrieval_recall(core.model, torch.cat(images).to(device), torch.cat(tokens).to(device))
+    core.train()
+    out = {f"eval/{k}": float(v) for k, v in out.items()}
+    out["eval/num_samples"] = float(sum(len(x) for x in images))
+    return out
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from llip_core.optim import build_optimizer, cosine_lr
+    from llip_core.task import build_task
+    from orchestrator.config import parse_config
+    from orchestrator.data import check_bad_fraction, iter_train_batches
+    from orchestrator.tracking import MetricLogger
+
+    cfg = parse_config(config["experiment"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    use_cuda = device.type == "cuda"
+    if not use_cuda:
+        # Fractional CPUs per worker: more intra-op threads than cores only adds contention.
+        torch.set_num_threads(cfg.train.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)))
+
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts from rank 0)
+    core = build_task(
+        cfg.resolved_model(), cfg.loss.type, rank=rank, world_size=world,
+        literal_scorer=cfg.loss.literal_scorer, chunk_size=cfg.loss.chunk_size,
+    ).to(device)
+    optimizer = build_optimizer(core, cfg.train.lr, cfg.train.betas, cfg.train.eps, cfg.train.weight_decay)
+
+    step, epoch = 0, 0
+    state = _load_checkpoint()
+    if state is not None:
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, epoch = state["step"], state["epoch"]
+        if rank == 0:
+            print(f"[llip] resumed from checkpoint at step {step}, epoch {epoch}", flush=True)
+    task = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": False}) if world > 1 else core
+
+    logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 and config.get("mlflow_run_id") else None
+    stats = config.get("data_stats")
+    local_bs = cfg.data.batch_size // world
+    shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if cfg.data.eval else None
+    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+
+    def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
+        ckpt = None
+        if with_checkpoint and rank == 0:
+            ckpt = _save_checkpoint({
+                "model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                "config": config["experiment"],
+            })
+        if logger is not None:
+            logger.log(metrics, step)
+        ray.train.report({**metrics, "step": step, "epoch": epoch}, checkpoint=ckpt)
+
+    window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
+    done = step >= cfg.train.steps
+    while not done:
+        saw_batch = False
+        for batch in iter_train_batches(shard, local_bs, cfg.data.shuffle_buffer, epoch_seed=cfg.seed * 100003 + epoch):
+            saw_batch = True
+            lr = cosine_lr(step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            images = batch["image"].to(device, non_blocking=True)
+            tokens = batch["tokens"].to(device, non_blocking=True)
+            with amp:
+                terms = task(images, tokens)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            if cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            core.after_step()
+            step += 1
+            window_loss += float(terms["loss"].detach())
+            window_n += 1
+            window_samples += images.shape[0] * world
+
+            last = step >= cfg.train.steps
+            ckpt_due = last or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0)
+            if step % cfg.train.log_every == 0 or ckpt_due:
+                dt = time.perf_counter() - window_t0
+                loss_mean, = _all_reduce_mean([window_loss / window_n], world)
+                metrics = {
+                    "train/loss": loss_mean,
+                    "train/lr": lr,
+                    "train/logit_scale": core.logit_scale_value(),
+                    "train/samples_per_s": window_samples / dt,
+                    "train/epoch": float(epoch),
+                }
+                if stats is not None:
+                    metrics.update(stats.snapshot())
+                    check_bad_fraction(stats, cfg.data.max_bad_fraction)
+                if eval_shard is not None and rank == 0 and (last or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
+                    metrics.update(evaluate(core, eval_shard, device))
+                report(metrics, with_checkpoint=ckpt_due)
+                if rank == 0:
+                    print(f"[llip] step {step}/{cfg.train.steps} loss {loss_mean:.4f} lr {lr:.2e} "
+                          f"{metrics['train/samples_per_s']:.0f} samples/s", flush=True)
+                window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
+            if last:
+                done = True
+                break
+        if not saw_batch:
+            raise RuntimeError(
+                f"rank {rank}: the training shard yielded no full batch of {local_bs}; "
+                "lower data.batch_size or add data"
+            )
+        epoch += 1
