@@ -1,0 +1,66 @@
+"""`llip run` end to end: real local Ray cluster, Ray Data over real shards, 2 TorchTrainer workers,
+a real MLflow SQLite store read back afterwards."""
+import subprocess
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT, llip_cmd
+
+pytestmark = [pytest.mark.slow]
+
+
+def run_llip(args, env, cwd, timeout=420):
+    return subprocess.run(llip_cmd(*args), env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(480)
+def test_smoke_run_trains_logs_and_checkpoints(emoji_shards, cli_env, tmp_path):
+    r = run_llip([
+        "run", ROOT / "experiments" / "smoke.yaml",
+        "--set", f"data.train={emoji_shards / 'train'}",
+        "--set", f"data.eval={emoji_shards / 'eval'}",
+        "--set", f"storage_path={tmp_path / 'runs'}",
+    ], cli_env, tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "held-out image->text R@1" in r.stdout and "mlflow ui --backend-store-uri" in r.stdout
+
+    c = MlflowClient(cli_env["MLFLOW_TRACKING_URI"])
+    exp = c.get_experiment_by_name("smoke")
+    runs = c.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    # every resolved config value is a param, model values resolved through the named size
+    assert run.data.params["model.width"] == "64"
+    assert run.data.params["model.mixture_tokens"] == "4"
+    assert run.data.params["train.steps"] == "30"
+    assert run.data.params["data.train"] == str(emoji_shards / "train")
+    hist = sorted(c.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
+    assert [m.step for m in hist] == [5, 10, 15, 20, 25, 30]
+    assert hist[-1].value < hist[0].value - 0.05, [m.value for m in hist]
+    for key in ("train/lr", "train/logit_scale", "train/samples_per_s", "eval/i2t_r@1", "data/skipped"):
+        assert c.get_metric_history(run.info.run_id, key), key
+    assert c.get_metric_history(run.info.run_id, "data/skipped")[-1].value == 0
+    arts = {a.path for a in c.list_artifacts(run.info.run_id)} | {
+        a.path for d in ("config", "plots") for a in c.list_artifacts(run.info.run_id, d)}
+    assert "config/experiment.yaml" in arts and "plots/curves.png" in arts
+    ckpt = Path(run.data.tags["llip.checkpoint"])
+    assert ckpt.is_dir() and (ckpt / "state.pt").is_file()
+    assert str(ckpt).startswith(str(tmp_path / "runs"))
+
+
+@pytest.mark.timeout(180)
+def test_missing_shard_dir_fails_in_one_line_before_mlflow(cli_env, tmp_path):
+    missing = tmp_path / "no-such-shards"
+    r = run_llip(["run", ROOT / "experiments" / "smoke.yaml", "--set", f"data.train={missing}"], cli_env, tmp_path,
+                 timeout=150)
+    assert r.returncode != 0
+    err = [line for line in r.stderr.splitlines() if line.startswith("llip: error:")]
+    assert len(err) == 1 and str(missing) in err[0], r.stderr[-2000:]
+    db = Path(cli_env["MLFLOW_TRACKING_URI"][len("sqlite:///"):])
+    if db.exists():
+        c = MlflowClient(cli_env["MLFLOW_TRACKING_URI"])
+        exp = c.get_experiment_by_name("smoke")
+        assert exp is None or not c.search_runs([exp.experiment_id])
