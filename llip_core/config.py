@@ -23,6 +23,7 @@ class ModelConfig:
     text_width: int = 512
     text_layers: int = 12
     text_heads: int = 8
+    text_mlp_ratio: float | None = None  # text MLP hidden / text_width; None: same as mlp_ratio
     # --- joint space ---
     embed_dim: int = 512  # D: dimension of image and text embeddings
     # --- how an image is summarised ---
@@ -80,7 +81,7 @@ SIZES: dict[str, ModelConfig] = {
     ),
     "G/14": ModelConfig(
         patch_size=14, width=1664, layers=48, heads=16, mlp_ratio=8192 / 1664, text_width=1280,
-        text_layers=32, text_heads=20, embed_dim=1280, mixture_tokens=64, tau=5.0,
+        text_layers=32, text_heads=20, text_mlp_ratio=4.0, embed_dim=1280, mixture_tokens=64, tau=5.0,
     ),
 }
 

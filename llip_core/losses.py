@@ -1,0 +1,320 @@
+"""Contrastive losses over features (style: open_clip `src/open_clip/loss.py`).
+
+A loss takes the two towers' feature dicts plus the positive logit scale `s` (and bias `b`), never a
+model; its distributed settings (rank, world_size) are constructor arguments; it returns a dict of
+named terms whose "loss" is the total. On N ranks with equal local batches, the mean over ranks of
+"loss" equals the single-process loss on the concatenated batch, and gradients averaged over ranks (what
+DDP does) equal the single-process gradients:
+- InfoNCE (`clip`, `llip_infonce`): features are gathered with gradient (`gather_with_grad`); each rank
+  scores its own rows against every column ("local loss").
+- sigmoid (`siglip`, `llip`): text features (and Llip queries) travel around a ring
+  (`neighbour_exchange_with_grad`); other ranks' texts are negatives only.
+
+Llip's text-conditioned scores come from `llip_pair_logits`, which never materialises the
+(B_img, B_txt, D) tensor (see its docstring); `literal=True` keeps the paper's formulation for checking.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_EPS = 1e-12  # F.normalize's eps, so the efficient and literal scorers agree at zero norm too
+
+
+# ============================================================================ Llip pair scores
+def llip_pair_logits_literal(keys, values, queries, text_emb, out_proj, tau):
+    """The paper's formulation, pair by pair: O(B_img B_txt D) memory. For checking and benchmarks."""
+    attn = (torch.einsum("ihkd,jhd->ijhk", keys, queries) / tau).softmax(-1)  # softmax over K
+    mixed = torch.einsum("ijhk,ihkd->ijhd", attn, values).flatten(2)  # (B_img, B_txt, D), heads concat
+    z = F.normalize(mixed @ out_proj, dim=-1, eps=NORM_EPS)
+    return torch.einsum("ijd,jd->ij", z, F.normalize(text_emb, dim=-1, eps=NORM_EPS))
+
+
+def _chunk_forward(k, v, q, p, c4, tau):
+    """Terms of the score for a chunk of images against all texts.
+
+    With u_ij = concat_h(a_ij V_i) (heads concatenated) and W = out_proj, z_ij = u_ij W, so
+      <z_ij, t_j> = <u_ij, W t_j> = sum_{h,k} a_ij[h,k] <V_i[h,k], p_j[h]>,   p = t W^T (folded text side)
+      ||z_ij||^2  = a_ij^T G_i a_ij,  G_i[(h,k),(g,l)] = V_i[h,k] C_hg V_i[g,l]^T,   C = W W^T,
+    i.e. a Gram matrix per image in attention space (HK x HK); nothing of size D is built per pair.
+    """
+    c, H, K, _ = k.shape
+    n = q.shape[0]
+    A = (torch.einsum("ihkd,jhd->ijhk", k, q) / tau).softmax(-1)  # (c, n, H, K)
+    M = torch.einsum("ihkd,jhd->ijhk", v, p)  # <V_i[h,k], p_j[h]>
+    num = (A * M).sum((-1, -2))  # (c, n)
+    vc = torch.einsum("ihkd,hdge->ihkge", v, c4)  # V_i[h,k] C_hg
+    G = torch.einsum("ihkge,igle->ihkgl", vc, v).reshape(c, H * K, H * K)
+    G = 0.5 * (G + G.transpose(1, 2))  # exactly symmetric, as the backward assumes
+    Af = A.reshape(c, n, H * K)
+    AG = torch.bmm(Af, G)  # (c, n, HK)
+    nsq = (AG * Af).sum(-1)
+    return A, M, AG, num, nsq
+
+
+class _LlipScores(torch.autograd.Function):
+    """Chunked over images; backward recomputes each chunk's per-pair terms instead of storing them."""
+
+    @staticmethod
+    def forward(ctx, keys, values, queries, p, c4, tau, chunk_size):
+        ctx.tau, ctx.chunk = tau, chunk_size
+        out = keys.new_empty(keys.shape[0], queries.shape[0])
+        for s in range(0, keys.shape[0], chunk_size):
+            _, _, _, num, nsq = _chunk_forward(keys[s:s + chunk_size], values[s:s + chunk_size], queries, p, c4, tau)
+            out[s:s + chunk_size] = num / nsq.clamp_min(NORM_EPS ** 2).sqrt()
+        ctx.save_for_backward(keys, values, queries, p, c4)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        keys, values, queries, p, c4 = ctx.saved_tensors
+        tau, chunk = ctx.tau, ctx.chunk
+        with torch.autocast(device_type=keys.device.type, enabled=False):
+            dk, dv = torch.zeros_like(keys), torch.zeros_like(values)
+            dq, dp, dc4 = torch.zeros_like(queries), torch.zeros_like(p), torch.zeros_like(c4)
+            H, K = keys.shape[1], keys.shape[2]
+            for s in range(0, keys.shape[0], chunk):
+                k, v, g = keys[s:s + chunk], values[s:s + chunk], grad_out[s:s + chunk]
+                c = k.shape[0]
+                A, M, AG, num, nsq = _chunk_forward(k, v, queries, p, c4, tau)
+                live = nsq > NORM_EPS ** 2  # below eps the norm is clamped: no gradient through it
+                n = nsq.clamp_min(NORM_EPS ** 2).sqrt()
+                d_num = g / n
+                d_nsq = torch.where(live, -0.5 * g * num / (n * n * n), torch.zeros_like(n))
+                # d nsq / d a = 2 G a = 2 AG (G symmetric): reuses the forward product
+                dA = d_num[..., None, None] * M + (2 * d_nsq[..., None] * AG).view_as(A)
+                dM = d_num[..., None, None] * A
+                dS = A * (dA - (dA * A).sum(-1, keepdim=True)) / tau  # softmax backward, then 1/tau
+                dk[s:s + chunk] = torch.einsum("ijhk,jhd->ihkd", dS, queries)
+                dq += torch.einsum("ijhk,ihkd->jhd", dS, k)
+                dp += torch.einsum("ijhk,ihkd->jhd", dM, v)
+                Af = A.reshape(c, -1, H * K)
+                dG = torch.bmm((Af * d_nsq[..., None]).transpose(1, 2), Af).view(c, H, K, H, K)
+                T = torch.einsum("ihkgl,igle->ihkge", dG, v)
+                dv[s:s + chunk] = torch.einsum("ijhk,jhd->ihkd", dM, p) + 2 * torch.einsum("ihkge,gehf->ihkf", T, c4)
+                dc4 += torch.einsum("ihkd,ihkge->hdge", v, T)
+        return dk, dv, dq, dp, dc4, None, None
+
+
+def llip_pair_logits(keys, values, queries, text_emb, out_proj, tau, chunk_size: int = 128,
+                     literal: bool = False):
+    """Cosine similarity between each text-conditioned image embedding z_ij and each normalised text.
+
+    keys, values: (B_img, H, K, D/H); queries: (B_txt, H, D/H); text_emb: (B_txt, D); out_proj: (D, D).
+    Returns (B_img, B_txt). `z_ij = concat_h(softmax_K(<K_i, Q_j>/tau) V_i) @ out_proj`, normalised.
+
+    Efficient path (default): out_proj is folded into the text side (p_j = W t_j) and into a per-image
+    Gram matrix in attention space for the norm, so per pair the cost is O(HK d + (HK)^2) instead of
+    O(KD + D^2) and no (B_img, B_txt, D) tensor exists; images are processed `chunk_size` at a time and
+    the backward recomputes each chunk. Runs in at least float32 even under autocast (norms via a Gram matrix
+    need the precision).
+    """
+    if literal:
+        return llip_pair_logits_literal(keys, values, queries, text_emb, out_proj, tau)
+    dt = torch.promote_types(keys.dtype, torch.float32)  # bf16/fp16 -> fp32, fp64 stays
+    with torch.autocast(device_type=keys.device.type, enabled=False):
+        W = out_proj.to(dt)
+        H, d = queries.shape[1], queries.shape[2]
+        t = F.normalize(text_emb.to(dt), dim=-1, eps=NORM_EPS)
+        p = (t @ W.T).view(-1, H, d)
+        c4 = (W @ W.T).view(H, d, H, d)
+        return _LlipScores.apply(keys.to(dt).contiguous(), values.to(dt).contiguous(),
+                                 queries.to(dt).contiguous(), p.contiguous(), c4.contiguous(),
+                                 float(tau), max(1, int(chunk_size)))
+
+
+# ============================================================================ scorers
+def dot_scores(image_features: dict, text_features: dict) -> torch.Tensor:
+    """CLIP/SigLIP: one normalised embedding per image and per text."""
+    return image_features["image_emb"] @ text_features["text_emb"].T
+
+
+class LlipScorer:
+    """Text-conditioned scores; needs the model's out_proj (passed as a scoring parameter)."""
+
+    def __init__(self, tau: float, chunk_size: int = 128, literal: bool = False):
+        self.tau, self.chunk_size, self.literal = tau, chunk_size, literal
+
+    def __call__(self, image_features: dict, text_features: dict, out_proj: torch.Tensor) -> torch.Tensor:
+        return llip_pair_logits(
+            image_features["keys"], image_features["values"], text_features["queries"],
+            text_features["text_emb"], out_proj, self.tau, chunk_size=self.chunk_size, literal=self.literal,
+        )
+
+
+# ============================================================================ distributed helpers
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient and returns this rank's slice.
+
+    (torch.distributed.nn's all_gather needs reduce_scatter or all_to_all in backward; gloo has
+    neither in every build, all_reduce it has.)"""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        import torch.distributed as dist
+
+        ctx.group = group
+        ctx.rank, ctx.world = dist.get_rank(group), dist.get_world_size(group)
+        parts = [torch.empty_like(tensor) for _ in range(ctx.world)]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.chunk(ctx.world)[ctx.rank], None
+
+
+def gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate every rank's tensor (equal shapes) along dim 0; gradients flow back to their owner."""
+    return _GatherWithGrad.apply(tensor, group)
+
+
+def neighbour_exchange(from_rank: int, to_rank: int, tensor: torch.Tensor, group=None) -> torch.Tensor:
+    import torch.distributed as dist
+
+    recv = torch.empty_like(tensor)
+    ops = [dist.P2POp(dist.isend, tensor.contiguous(), to_rank, group=group),
+           dist.P2POp(dist.irecv, recv, from_rank, group=group)]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return recv
+
+
+class _NeighbourExchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, from_rank, to_rank, group):
+        ctx.from_rank, ctx.to_rank, ctx.group = from_rank, to_rank, group
+        return neighbour_exchange(from_rank, to_rank, tensor, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # the gradient travels the ring backwards, to the rank the tensor came from
+        return _NeighbourExchange.apply(grad, ctx.to_rank, ctx.from_rank, ctx.group), None, None, None
+
+
+def neighbour_exchange_with_grad(from_rank: int, to_rank: int, tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Send `tensor` to `to_rank`, receive one from `from_rank`; backward sends gradients back."""
+    return _NeighbourExchange.apply(tensor, from_rank, to_rank, group)
+
+
+def _pack(features: dict, keys: tuple[str, ...]) -> tuple[torch.Tensor, list]:
+    """Several per-sample tensors as one (B, F) tensor, so one message carries them all."""
+    parts = [features[k] for k in keys]
+    layout = [(k, t.shape[1:], t[0].numel()) for k, t in zip(keys, parts)]
+    return torch.cat([t.reshape(t.shape[0], -1) for t in parts], dim=1), layout
+
+
+def _unpack(packed: torch.Tensor, layout: list) -> dict:
+    out, i = {}, 0
+    for k, shape, n in layout:
+        out[k] = packed[:, i:i + n].reshape(packed.shape[0], *shape)
+        i += n
+    return out
+
+
+# ============================================================================ losses
+class SigmoidLoss(nn.Module):
+    """`-sum_ij log sigmoid(y_ij (s * score_ij + b)) / B_local`, y = +1 on the diagonal, -1 elsewhere.
+
+    Other ranks' texts arrive around a ring (world_size - 1 hops) and contribute negatives only."""
+
+    def __init__(self, scorer: Callable, text_keys: tuple[str, ...], rank: int = 0, world_size: int = 1,
+                 group=None):
+        super().__init__()
+        self.scorer, self.text_keys = scorer, text_keys
+        self.rank, self.world_size, self.group = rank, world_size, group
+
+    def _terms(self, scores, logit_scale, logit_bias, positives: bool):
+        logits = logit_scale * scores + logit_bias
+        labels = -torch.ones_like(logits)
+        if positives:
+            labels = labels + 2 * torch.eye(*logits.shape, device=logits.device, dtype=logits.dtype)
+        return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
+
+    def forward(self, image_features: dict, text_features: dict, logit_scale, logit_bias, **scoring):
+        loss = self._terms(self.scorer(image_features, text_features, **scoring), logit_scale, logit_bias, True)
+        if self.world_size > 1:
+            right, left = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
+            packed, layout = _pack(text_features, self.text_keys)
+            for _ in range(self.world_size - 1):
+                packed = neighbour_exchange_with_grad(left, right, packed, self.group)
+                other = _unpack(packed, layout)
+                loss = loss + self._terms(self.scorer(image_features, other, **scoring), logit_scale, logit_bias, False)
+        return {"loss": loss}
+
+
+class InfoNCELoss(nn.Module):
+    """`(CE(s S, arange) + CE(s S^T, arange)) / 2` over cosine scores S (image rows, text columns).
+
+    Distributed: features gathered with gradient; each rank computes the rows of its own images and
+    texts against all columns ("local loss"), labels offset by rank * B_local."""
+
+    def __init__(self, scorer: Callable, image_keys: tuple[str, ...], text_keys: tuple[str, ...],
+                 rank: int = 0, world_size: int = 1, group=None):
+        super().__init__()
+        self.scorer, self.image_keys, self.text_keys = scorer, image_keys, text_keys
+        self.rank, self.world_size, self.group = rank, world_size, group
+
+    def forward(self, image_features: dict, text_features: dict, logit_scale, logit_bias=None, **scoring):
+        b = next(iter(image_features.values())).shape[0]
+        if self.world_size > 1:
+            all_img = {k: gather_with_grad(image_features[k], self.group) for k in self.image_keys}
+            all_txt = {k: gather_with_grad(text_features[k], self.group) for k in self.text_keys}
+            i2t = logit_scale * self.scorer(image_features, all_txt, **scoring)  # (b, B)
+            t2i = logit_scale * self.scorer(all_img, text_features, **scoring).T  # (b, B)
+        else:
+            i2t = logit_scale * self.scorer(image_features, text_features, **scoring)
+            t2i = i2t.T
+        labels = torch.arange(b, device=i2t.device) + self.rank * b
+        loss_i2t, loss_t2i = F.cross_entropy(i2t, labels), F.cross_entropy(t2i, labels)
+        return {"loss": (loss_i2t + loss_t2i) / 2, "loss_i2t": loss_i2t, "loss_t2i": loss_t2i}
+
+
+LOSS_TYPES = ("clip", "siglip", "llip", "llip_infonce")
+# (initial log logit scale, initial logit bias or None): DESIGN.md section 2
+LOSS_INITS = {
+    "clip": (math.log(1 / 0.07), None),
+    "siglip": (math.log(10.0), -10.0),
+    "llip": (math.log(1 / 0.07), -10.0),
+    "llip_infonce": (math.log(1 / 0.07), None),
+}
+
+
+def build_loss(loss_type: str, rank: int = 0, world_size: int = 1, tau: float = 5.0,
+               literal_scorer: bool = False, chunk_size: int = 128, group=None) -> nn.Module:
+    if loss_type == "clip":
+        return InfoNCELoss(dot_scores, ("image_emb",), ("text_emb",), rank, world_size, group)
+    if loss_type == "siglip":
+        return SigmoidLoss(dot_scores, ("text_emb",), rank, world_size, group)
+    llip = LlipScorer(tau, chunk_size, literal_scorer)
+    if loss_type == "llip":
+        return SigmoidLoss(llip, ("queries", "text_emb"), rank, world_size, group)
+    if loss_type == "llip_infonce":
+        return InfoNCELoss(llip, ("keys", "values"), ("queries", "text_emb"), rank, world_size, group)
+    raise ValueError(f"unknown loss type {loss_type!r}; choose one of {LOSS_TYPES}")
+
+
+def ClipLoss(rank: int = 0, world_size: int = 1, group=None) -> InfoNCELoss:
+    return build_loss("clip", rank, world_size, group=group)
+
+
+def SigLipLoss(rank: int = 0, world_size: int = 1, group=None) -> SigmoidLoss:
+    return build_loss("siglip", rank, world_size, group=group)
+
+
+def LlipLoss(tau: float, rank: int = 0, world_size: int = 1, literal_scorer: bool = False,
+             chunk_size: int = 128, group=None) -> SigmoidLoss:
+    return build_loss("llip", rank, world_size, tau, literal_scorer, chunk_size, group)
+
+
+def LlipInfoNCELoss(tau: float, rank: int = 0, world_size: int = 1, literal_scorer: bool = False,
+                    chunk_size: int = 128, group=None) -> InfoNCELoss:
+    return build_loss("llip_infonce", rank, world_size, tau, literal_scorer, chunk_size, group)

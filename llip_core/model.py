@@ -1,0 +1,220 @@
+"""Llip, CLIP/SigLIP and the K-token ablations from one two-tower model.
+
+Image tower: a pre-LN ViT. For `pooling="llip"` (and the "avg"/"register" ablations) K mixture tokens
+are prepended to the patch tokens, each with its own positional embedding, and `ln_post` is applied to
+the K outputs only. For "cls" one class token is prepended (CLIP/SigLIP baselines).
+Text tower: a causal pre-LN transformer pooled at the first end-of-text token.
+
+Llip scoring (DESIGN.md section 2): per-mixture-token key/value projections `k_proj, v_proj: (K, width,
+D)` give K_i, V_i (K x D, split into H heads); the text's EOT state gives a query `Q = h_t @ q_proj` and,
+through a *separate* projection, the text embedding. The text-conditioned image embedding is
+`z_ij = concat_h(softmax_K(<K_i, Q_j> / tau) V_i) @ out_proj`, computed by `losses.llip_pair_logits`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llip_core.config import ModelConfig
+from llip_core.tokenizer import eot_positions
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, causal: bool):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.causal = causal
+        self.in_proj = nn.Linear(width, 3 * width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        q, k, v = self.in_proj(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.out_proj(y.transpose(1, 2).reshape(b, n, w))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, causal: bool = False):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads, causal)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, int(round(width * mlp_ratio)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, causal: bool = False):
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.resblocks = nn.ModuleList(Block(width, heads, mlp_ratio, causal) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x)
+        return x
+
+    def init_parameters(self, std: float | None) -> None:
+        # CLIP's width-scaled init (open_clip `init_parameters`): residual projections shrink with depth,
+        # so the residual stream's scale stays put at initialisation.
+        attn_std = self.width ** -0.5 if std is None else std
+        proj_std = (self.width ** -0.5) * ((2 * self.layers) ** -0.5) if std is None else std
+        fc_std = (2 * self.width) ** -0.5 if std is None else std
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj.weight, std=attn_std)
+            nn.init.zeros_(block.attn.in_proj.bias)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.zeros_(block.attn.out_proj.bias)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.zeros_(block.mlp.c_fc.bias)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+            nn.init.zeros_(block.mlp.c_proj.bias)
+
+
+class LlipModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.pooling = cfg.pooling
+        self.tau = cfg.tau
+        D = cfg.embed_dim
+        n_tok = cfg.num_image_tokens
+        grid = cfg.image_size // cfg.patch_size
+
+        # --- image tower ---
+        self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        if cfg.pooling == "cls":
+            self.class_embedding = nn.Parameter(torch.empty(1, cfg.width))
+        else:
+            self.mixture_tokens = nn.Parameter(torch.empty(cfg.mixture_tokens, cfg.width))
+        # one row per prepended token (each mixture token has its own) and one per patch
+        self.positional_embedding = nn.Parameter(torch.empty(n_tok + grid * grid, cfg.width))
+        self.ln_pre = nn.LayerNorm(cfg.width)
+        self.visual = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio)
+        self.ln_post = nn.LayerNorm(cfg.width)
+        if cfg.pooling == "llip":
+            self.k_proj = nn.Parameter(torch.empty(cfg.mixture_tokens, cfg.width, D))
+            self.v_proj = nn.Parameter(torch.empty(cfg.mixture_tokens, cfg.width, D))
+        else:
+            self.proj = nn.Parameter(torch.empty(cfg.width, D))
+
+        # --- text tower ---
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
+        self.text_positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
+        text_mlp = cfg.mlp_ratio if cfg.text_mlp_ratio is None else cfg.text_mlp_ratio
+        self.text = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, text_mlp, causal=True)
+        self.ln_final = nn.LayerNorm(cfg.text_width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.text_width, D))
+        if cfg.pooling == "llip":
+            self.q_proj = nn.Parameter(torch.empty(cfg.text_width, D))
+            self.out_proj = nn.Parameter(torch.empty(D, D))  # applied as z @ out_proj, no bias
+        self.init_parameters()
+
+    # ------------------------------------------------------------------ init
+    def init_parameters(self) -> None:
+        cfg, std = self.cfg, self.cfg.init_std
+        vscale = cfg.width ** -0.5 if std is None else std
+        tscale = cfg.text_width ** -0.5 if std is None else std
+        nn.init.normal_(self.conv1.weight, std=vscale if std is not None else 0.02)
+        if cfg.pooling == "cls":
+            nn.init.normal_(self.class_embedding, std=vscale)
+        else:
+            nn.init.normal_(self.mixture_tokens, std=vscale)
+        nn.init.normal_(self.positional_embedding, std=vscale)
+        self.visual.init_parameters(std)
+        if cfg.pooling == "llip":
+            nn.init.normal_(self.k_proj, std=vscale)
+            nn.init.normal_(self.v_proj, std=vscale)
+            nn.init.normal_(self.q_proj, std=tscale)
+            nn.init.normal_(self.out_proj, std=cfg.embed_dim ** -0.5 if std is None else std)
+        else:
+            nn.init.normal_(self.proj, std=vscale)
+        nn.init.normal_(self.token_embedding.weight, std=0.02 if std is None else std)
+        nn.init.normal_(self.text_positional_embedding, std=0.01 if std is None else std)
+        self.text.init_parameters(std)
+        nn.init.normal_(self.text_projection, std=tscale)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that are >= 2-D but must not be decayed (tokens and positional embeddings)."""
+        names = {"positional_embedding", "text_positional_embedding"}
+        names.add("class_embedding" if self.pooling == "cls" else "mixture_tokens")
+        return names
+
+    # ------------------------------------------------------------------ towers
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """ln_post of the prepended tokens' outputs: (B, K, width), K = 1 for "cls"."""
+        x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, patches, width)
+        lead = self.class_embedding if self.pooling == "cls" else self.mixture_tokens
+        x = torch.cat([lead.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.ln_pre(x + self.positional_embedding.to(x.dtype))
+        x = self.visual(x)
+        return self.ln_post(x[:, : lead.shape[0]])
+
+    def encode_image(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.image_tokens(images)
+        if self.pooling == "llip":
+            B, K, _ = h.shape
+            H = self.cfg.cross_heads
+            # a separate projection per mixture token: (B,K,w) x (K,w,D) -> (B,K,D)
+            keys = torch.einsum("bkw,kwd->bkd", h, self.k_proj.to(h.dtype))
+            values = torch.einsum("bkw,kwd->bkd", h, self.v_proj.to(h.dtype))
+            split = lambda t: t.view(B, K, H, -1).transpose(1, 2)  # (B, H, K, D/H)
+            return {"keys": split(keys), "values": split(values)}
+        pooled = h.mean(1) if self.pooling == "avg" else h[:, 0]  # "register" / "cls": first token
+        return {"image_emb": F.normalize(pooled @ self.proj.to(pooled.dtype), dim=-1)}
+
+    def encode_text(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.token_embedding(tokens) + self.text_positional_embedding[: tokens.shape[1]]
+        x = self.ln_final(self.text(x))
+        # pool at the first EOT, not argmax of ids: our tokenizer's EOT id (2) is not the largest id
+        h = x[torch.arange(x.shape[0], device=x.device), eot_positions(tokens)]
+        out = {"text_emb": F.normalize(h @ self.text_projection.to(h.dtype), dim=-1)}
+        if self.pooling == "llip":
+            out["queries"] = (h @ self.q_proj.to(h.dtype)).view(h.shape[0], self.cfg.cross_heads, -1)
+        return out
+
+    def scoring_params(self) -> dict[str, torch.Tensor]:
+        """Model tensors the pair scorer needs besides the features (Llip: out_proj)."""
+        return {"out_proj": self.out_proj} if self.pooling == "llip" else {}
+
+    def pair_scores(self, img_feats: dict, txt_feats: dict, literal: bool = False,
+                    chunk_size: int = 128) -> torch.Tensor:
+        """(B_img, B_txt) cosine similarities, for every pooling; evaluation never branches on type."""
+        if self.pooling == "llip":
+            from llip_core.losses import llip_pair_logits
+
+            return llip_pair_logits(
+                img_feats["keys"], img_feats["values"], txt_feats["queries"], txt_feats["text_emb"],
+                self.out_proj, self.tau, chunk_size=chunk_size, literal=literal,
+            )
+        return img_feats["image_emb"] @ txt_feats["text_emb"].T
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[dict, dict]:
+        return self.encode_image(images), self.encode_text(tokens)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["LlipModel", "count_parameters"]

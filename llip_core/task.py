@@ -1,0 +1,57 @@
+"""Model + loss + learnable logit scale/bias in one module (open_clip's `task/clip_task.py`).
+
+The training loop calls `task(images, tokens)["loss"].backward()`, `optimizer.step()` and
+`task.after_step()` whatever the model type; DDP can wrap the whole task.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llip_core.config import ModelConfig
+from llip_core.losses import LOSS_INITS, LOSS_TYPES, build_loss
+from llip_core.model import LlipModel
+
+MAX_LOG_SCALE = math.log(100.0)  # log s clamped to [0, ln 100] after each step (CLIP, Llip)
+
+
+class Task(nn.Module):
+    def __init__(self, model: LlipModel, loss: nn.Module, init_log_scale: float, init_bias: float | None):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
+        # InfoNCE is invariant to a shared bias: registering one would leave a parameter without
+        # gradient, which DDP (find_unused_parameters=False) rejects.
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_bias))) if init_bias is not None else None
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        img = self.model.encode_image(images)
+        txt = self.model.encode_text(tokens)
+        return self.loss(img, txt, logit_scale=self.logit_scale.exp(), logit_bias=self.logit_bias,
+                         **self.model.scoring_params())
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        self.logit_scale.clamp_(0.0, MAX_LOG_SCALE)
+
+    def logit_scale_value(self) -> float:
+        return float(self.logit_scale.detach().exp())
+
+
+def build_task(model_cfg: ModelConfig, loss_type: str, rank: int = 0, world_size: int = 1,
+               literal_scorer: bool = False, chunk_size: int = 128, group=None) -> Task:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss type {loss_type!r}; choose one of {LOSS_TYPES}")
+    wants_llip = loss_type in ("llip", "llip_infonce")
+    if wants_llip != (model_cfg.pooling == "llip"):
+        need = '"llip"' if wants_llip else 'one of "cls", "avg", "register"'
+        raise ValueError(
+            f"loss type {loss_type!r} needs model pooling {need}, got pooling {model_cfg.pooling!r}: "
+            "the llip losses score text-conditioned image embeddings, the others one embedding per image"
+        )
+    loss = build_loss(loss_type, rank, world_size, tau=model_cfg.tau, literal_scorer=literal_scorer,
+                      chunk_size=chunk_size, group=group)
+    return Task(LlipModel(model_cfg), loss, *LOSS_INITS[loss_type])
