@@ -1,0 +1,144 @@
+"""The memory-efficient Llip scorer equals the literal formulation (values and gradients)."""
+import pytest
+import torch
+
+from llip_core.losses import llip_pair_logits, llip_pair_logits_literal
+
+torch.set_num_threads(1)
+
+
+def literal(keys, values, queries, text_emb, W, tau):
+    """Written here from the formula: all pairs' z_ij = concat_h(softmax_K(<K,Q>/tau) V) @ W."""
+    Bi, H, K, d = keys.shape
+    logits = (keys[:, None] * queries[None, :, :, None, :]).sum(-1) / tau  # (Bi, Bt, H, K)
+    a = torch.softmax(logits, dim=-1)
+    u = (a[..., None] * values[:, None]).sum(3).reshape(Bi, queries.shape[0], H * d)
+    z = u @ W
+    z = z / z.norm(dim=-1, keepdim=True)
+    t = text_emb / text_emb.norm(dim=-1, keepdim=True)
+    return (z * t[None]).sum(-1)
+
+
+def _inputs(Bi=7, Bt=5, H=4, K=6, d=8, dtype=torch.float32, seed=0, key_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    D = H * d
+    r = lambda *s, sc=1.0: (sc * torch.randn(*s, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
+    return [r(Bi, H, K, d, sc=key_scale), r(Bi, H, K, d), r(Bt, H, d), r(Bt, D), r(D, D, sc=D ** -0.5)]
+
+
+def _value_and_grads(fn, inputs, weight):
+    out = fn(*inputs)
+    grads = torch.autograd.grad((out * weight).sum(), inputs)
+    return out, grads
+
+
+@pytest.mark.parametrize("case", ["default", "tau_large", "tau_small", "K1", "H1", "chunk1", "chunk_big", "paper_shape"])
+def test_efficient_equals_literal_float32(case):
+    kw, tau, chunk = {}, 5.0, 3
+    if case == "tau_large":
+        tau = 1e8  # attention becomes uniform over K
+    elif case == "tau_small":
+        tau = 0.5
+    elif case == "K1":
+        kw = {"K": 1}
+    elif case == "H1":
+        kw = {"H": 1, "d": 16}
+    elif case == "chunk1":
+        chunk = 1
+    elif case == "chunk_big":
+        chunk = 1000
+    elif case == "paper_shape":
+        kw, chunk = {"Bi": 12, "Bt": 10, "H": 8, "K": 32, "d": 64}, 5  # D = 512, K = 32, H = 8
+    inputs = _inputs(**kw)
+    weight = torch.randn(inputs[0].shape[0], inputs[2].shape[0], generator=torch.Generator().manual_seed(1))
+    ours, g_ours = _value_and_grads(lambda *x: llip_pair_logits(*x, tau, chunk_size=chunk), inputs, weight)
+    lit, g_lit = _value_and_grads(lambda *x: literal(*x, tau), inputs, weight)
+    assert ours.shape == (inputs[0].shape[0], inputs[2].shape[0])
+    torch.testing.assert_close(ours, lit, atol=1e-5, rtol=0)
+    for name, a, b in zip(["keys", "values", "queries", "text_emb", "out_proj"], g_ours, g_lit):
+        scale = max(1.0, b.abs().max().item())  # 1e-5 relative to the gradient's magnitude when it exceeds 1
+        torch.testing.assert_close(a, b, atol=1e-5 * scale, rtol=0, msg=name)
+    # and the library's literal path is the same formulation
+    torch.testing.assert_close(llip_pair_logits(*inputs, tau, literal=True), lit, atol=1e-6, rtol=0)
+    if case == "tau_large":
+        K = inputs[0].shape[2]
+        uniform = literal(inputs[0] * 0, *inputs[1:], 1.0)  # zero keys: exactly uniform attention
+        torch.testing.assert_close(ours, uniform, atol=1e-5, rtol=0)
+        assert torch.allclose(g_ours[0], torch.zeros_like(g_ours[0]), atol=1e-7)  # no signal through keys
+        assert K > 1
+
+
+def test_efficient_equals_literal_float64_tight():
+    inputs = _inputs(dtype=torch.float64, seed=3)
+    weight = torch.randn(7, 5, dtype=torch.float64)
+    ours, g_ours = _value_and_grads(lambda *x: llip_pair_logits(*x, 2.0, chunk_size=2), inputs, weight)
+    lit, g_lit = _value_and_grads(lambda *x: literal(*x, 2.0), inputs, weight)
+    torch.testing.assert_close(ours, lit, atol=1e-12, rtol=1e-10)
+    for a, b in zip(g_ours, g_lit):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
+
+
+def test_gradcheck_float64():
+    inputs = _inputs(Bi=3, Bt=2, H=2, K=3, d=2, dtype=torch.float64, seed=5)
+    assert torch.autograd.gradcheck(lambda *x: llip_pair_logits(*x, 1.5, chunk_size=2), inputs)
+
+
+def test_no_pair_by_d_tensor_is_built_or_saved():
+    """Neither the forward nor the tensors kept for backward reach (B_img, B_txt, D) elements."""
+    Bi, Bt, H, K, d = 32, 32, 2, 2, 32  # D = 64 > H*K = 4, so a per-pair D-vector stands out
+    inputs = _inputs(Bi=Bi, Bt=Bt, H=H, K=K, d=d)
+    pair_d = Bi * Bt * H * d
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(o, torch.Tensor):
+                    Largest.biggest = max(Largest.biggest, o.numel())
+            return out
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Largest():
+        out = llip_pair_logits(*inputs, 5.0, chunk_size=4)
+        out.sum().backward()
+    assert max(saved) < pair_d // 8 and Largest.biggest < pair_d // 8
+    # the literal formulation does build it
+    Largest.biggest = 0
+    with Largest():
+        llip_pair_logits(*inputs, 5.0, literal=True)
+    assert Largest.biggest >= pair_d
+
+
+def test_autocast_bf16_runs_in_float32():
+    inputs = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = llip_pair_logits(*inputs, 5.0)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, literal(*inputs, 5.0), atol=1e-5, rtol=0)
+
+
+def test_zero_value_norm_matches_normalize_eps():
+    """An image whose values are all zero: F.normalize's eps path, score 0 and finite gradients."""
+    inputs = _inputs()
+    with torch.no_grad():
+        inputs[1][0].zero_()
+    ours = llip_pair_logits(*inputs, 5.0)
+    lit = llip_pair_logits_literal(*inputs, 5.0)
+    torch.testing.assert_close(ours, lit, atol=1e-5, rtol=0)
+    assert ours[0].abs().max() == 0
+    ours.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in inputs)
+
+
+def test_text_emb_need_not_be_normalised():
+    inputs = _inputs()
+    scaled = inputs[:3] + [inputs[3] * 3.0, inputs[4]]
+    torch.testing.assert_close(llip_pair_logits(*scaled, 5.0), llip_pair_logits(*inputs, 5.0))
