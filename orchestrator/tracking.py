@@ -40,6 +40,8 @@ def experiment_id(c, name: str) -> str:
 
 
 def git_commit() -> str:
+    if os.environ.get("LLIP_GIT_COMMIT"):  # set by `llip submit`: jobs run from an upload without .git
+        return os.environ["LLIP_GIT_COMMIT"]
     try:
         here = Path(__file__).resolve().parent
         return subprocess.run(
