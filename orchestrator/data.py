@@ -1,0 +1,409 @@
+"""The data plane: WebDataset shards (local or s3://) -> Ray Data -> TorchTrainer workers.
+
+Pipeline (driver side, `build_datasets`):
+  read     Ray's WebDataset datasource over the shard list, bytes kept (no decoding in the read),
+           file order reshuffled every epoch (FileShuffleConfig seeded by cfg.seed; Ray re-seeds it
+           with the execution index, and every epoch is one execution of the dataset). A truncated
+           tar yields the samples before the damage plus one marker row, instead of failing.
+  decode   `map_batches` tasks on CPU: decode + augment (llip_core.preprocess) + pick a caption +
+           tokenize (llip_core.tokenizer). Bad samples (undecodable image, no caption, truncated
+           tar) are dropped here and counted in a small named actor (`DataStats`).
+  split    the trainer gets DataConfig(datasets_to_split=["train"]): Ray Data's streaming_split
+           (equal=True) deals every sample of an epoch to exactly one worker (at most
+           num_workers - 1 rows of an epoch are dropped to keep the splits equal); "eval" is given
+           whole to every worker.
+Worker side: `iter_train_batches` applies the local shuffle buffer (seeded per epoch) and drops
+the last partial batch so every rank steps in lockstep.
+
+Randomness is per (cfg.seed, epoch, sample): the crop, the flip and the caption chosen for a
+multi-caption sample are drawn from a Generator seeded by those three, so they differ between
+epochs, do not depend on which task or worker handles the sample, and repeat across reruns.
+The epoch is Ray Data's execution index of the dataset, read inside the decode task.
+
+Scaling the CPU stage onto other nodes
+  Ray Data schedules `map_batches` tasks on any node with free CPUs, not only where the trainers
+  run, so the decode stage scales by adding CPU capacity to the cluster:
+  - raise `data.decode_concurrency` (the maximum number of decode tasks in flight) and size
+    `data.decode_cpus` (CPUs reserved per decode and read task) so that
+    decode_concurrency x decode_cpus roughly matches the CPUs you want decoding;
+  - give the cluster CPU-only worker types in cluster.yaml (e.g. a `cpu_decode` node type with
+    min_workers/max_workers and no GPUs); the autoscaler adds them when decode tasks are
+    pending, and GPU nodes keep their CPUs for the trainers;
+  - shards must then live where every node can read them: s3:// (or a shared filesystem).
+    A local path is read by whichever node runs the read task.
+  Ray Data's backpressure keeps the read/decode stages at most a few blocks ahead of the
+  trainers, so memory stays bounded however many decode tasks run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import numpy as np
+
+from orchestrator.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import ray.data
+
+    from orchestrator.config import ExperimentConfig
+
+TRAIN, EVAL = "train", "eval"
+DATASETS_TO_SPLIT = [TRAIN]  # "eval" goes whole to every worker
+CAPTION_BYTES = 128  # eval rows carry the caption as UTF-8 bytes, zero-padded (tensors can't hold str)
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+# Read/decode output block target: image blocks of ~32 MB keep the object store and the
+# streaming executor's backpressure effective at any image size.
+TARGET_BLOCK_BYTES = 32 << 20
+READ_CHUNK_ROWS = 512
+
+STATS_KEYS = ("data/seen", "data/skipped", "data/skipped_corrupt_image", "data/skipped_no_image",
+              "data/skipped_no_caption", "data/truncated_shards")
+
+
+# --------------------------------------------------------------------------------------------
+# bad-data accounting
+# --------------------------------------------------------------------------------------------
+def _stats_actor_cls():
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=-1)
+    class _DataStatsActor:
+        def __init__(self):
+            self.c = {k: 0 for k in STATS_KEYS}
+
+        def add(self, counts: dict) -> None:
+            for k, v in counts.items():
+                self.c[k] = self.c.get(k, 0) + int(v)
+
+        def snapshot(self) -> dict:
+            return dict(self.c)
+
+    return _DataStatsActor
+
+
+@dataclass
+class DataStats:
+    """Counts of samples seen and skipped by the decode stage, across epochs and nodes.
+
+    Picklable (it wraps a named actor's handle), so decode tasks add to it and training workers
+    read it: `snapshot()` -> {"data/seen": n, "data/skipped": n, ...reasons}."""
+    handle: Any
+    name: str
+
+    @classmethod
+    def create(cls) -> "DataStats":
+        name = f"llip-data-stats-{uuid.uuid4().hex[:10]}"
+        return cls(_stats_actor_cls().options(name=name).remote(), name)
+
+    def add(self, counts: dict) -> None:
+        self.handle.add.remote(counts)  # fire and forget: decode never waits on bookkeeping
+
+    def snapshot(self, timeout: float = 30.0) -> dict[str, float]:
+        import ray
+
+        return {k: float(v) for k, v in ray.get(self.handle.snapshot.remote(), timeout=timeout).items()}
+
+
+def check_bad_fraction(stats, max_fraction: float) -> None:
+    """Raise UserError when the skipped fraction of the samples seen so far exceeds max_fraction.
+
+    `stats`: a DataStats or a snapshot dict."""
+    snap = stats if isinstance(stats, dict) else stats.snapshot()
+    seen, skipped = float(snap.get("data/seen", 0)), float(snap.get("data/skipped", 0))
+    if seen <= 0 or skipped / seen <= max_fraction:
+        return
+    reasons = ", ".join(f"{k.split('/', 1)[1]}={int(v)}" for k, v in snap.items()
+                        if k.startswith(("data/skipped_", "data/truncated")) and v)
+    raise UserError(f"{int(skipped)} of {int(seen)} samples ({skipped / seen:.1%}) were unreadable ({reasons}), "
+                    f"above data.max_bad_fraction={max_fraction}; repair or rewrite the shards "
+                    "(llip shards ...) or raise data.max_bad_fraction")
+
+
+# --------------------------------------------------------------------------------------------
+# reading: Ray's WebDataset datasource, tolerant of truncated tars, fixed schema of bytes
+# --------------------------------------------------------------------------------------------
+def _arrow_schema():
+    import pyarrow as pa
+
+    return pa.schema([("key", pa.string()), ("url", pa.string()), ("image", pa.binary()),
+                      ("txt", pa.binary()), ("json", pa.binary()), ("error", pa.string())])
+
+
+def _datasource_cls():
+    from ray.data._internal.datasource.webdataset_datasource import (
+        WebDatasetDatasource, _group_by_keys, _tar_file_iterator)
+
+    class TolerantWebDatasetDatasource(WebDatasetDatasource):
+        """Ray's WebDataset reader (decoder=None: bytes), with one change: a tar that ends early or
+        is damaged yields the samples before the damage and a row with `error` set, which the
+        decode stage counts, instead of failing the whole read (and with it the run)."""
+
+        def _read_stream(self, stream, path: str) -> Iterator:
+            import pyarrow as pa
+
+            schema = _arrow_schema()
+            damage: list[str] = []
+
+            def members():
+                try:
+                    yield from _tar_file_iterator(stream)
+                except (tarfile.TarError, EOFError, zlib.error) as e:
+                    damage.append(f"{type(e).__name__}: {e}")
+
+            rows: list[dict] = []
+            try:
+                for s in _group_by_keys(members(), meta={"__url__": path}):
+                    image = next((s[k] for k in IMAGE_KEYS if k in s), None)
+                    rows.append({"key": s["__key__"], "url": path, "image": image, "txt": s.get("txt"),
+                                 "json": s.get("json"), "error": None})
+                    if len(rows) >= READ_CHUNK_ROWS:
+                        yield pa.Table.from_pylist(rows, schema=schema)
+                        rows = []
+            except ValueError as e:  # non-contiguous or duplicate members: the rest of the tar is unusable
+                damage.append(f"ValueError: {e}")
+            if damage:
+                rows.append({"key": "__damaged__", "url": path, "image": None, "txt": None, "json": None,
+                             "error": damage[0][:300]})
+            if rows:
+                yield pa.Table.from_pylist(rows, schema=schema)
+
+    return TolerantWebDatasetDatasource
+
+
+def resolve_shards(location: str, s3cfg, what: str) -> tuple[list[str], Any]:
+    """Preflight one shard location; returns (shard paths, pyarrow filesystem or None).
+
+    Fails with one line naming the location and the fix when it is missing, holds no .tar, or
+    (S3) the endpoint/bucket/prefix is unreachable or absent."""
+    from orchestrator import s3
+
+    if s3.is_s3_url(location):
+        region = s3.check_reachable(location, s3cfg, must_exist=True)
+        paths = s3.list_tars(location, s3cfg)
+        if not paths:
+            raise UserError(f"{what}: {location} holds no .tar shards; write some with "
+                            f"`llip shards SOURCE --out {location.rsplit('/', 1)[0]}` or fix {what}")
+        return paths, s3.arrow_filesystem(s3cfg, region=region)
+    p = Path(location)
+    if not p.exists():
+        raise UserError(f"{what}: {location} does not exist; create demo shards with "
+                        f"`llip shards emoji --out data/emoji` or point {what} at a shard directory")
+    if p.is_file():
+        if p.suffix != ".tar":
+            raise UserError(f"{what}: {location} is not a .tar shard or a directory of them; fix {what}")
+        return [str(p.resolve())], None
+    paths = sorted(str(q.resolve()) for q in p.rglob("*.tar") if q.is_file())
+    if not paths:
+        raise UserError(f"{what}: {location} holds no .tar shards; write some with "
+                        f"`llip shards SOURCE --out {p.parent}` or fix {what}")
+    return paths, None
+
+
+def read_shards(paths: list[str], filesystem=None, *, shuffle_seed: Optional[int] = None,
+                num_cpus: float = 0.25) -> "ray.data.Dataset":
+    """Raw samples {key, url, image, txt, json, error} (bytes), file order reshuffled each epoch
+    when shuffle_seed is given."""
+    import ray.data
+    from ray.data.datasource import FileShuffleConfig
+
+    ds_cls = _datasource_cls()
+    shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
+    source = ds_cls(paths, decoder=None, filesystem=filesystem, shuffle=shuffle, file_extensions=["tar"])
+    return ray.data.read_datasource(source, num_cpus=num_cpus)
+
+
+# --------------------------------------------------------------------------------------------
+# decode + augment + tokenize (runs in Ray Data tasks on any node)
+# --------------------------------------------------------------------------------------------
+def sample_id(url: str, key: str) -> int:
+    """A stable 63-bit id per sample (shard file name + key), the same locally and on S3."""
+    name = url.rsplit("/", 1)[-1]
+    return int.from_bytes(hashlib.blake2b(f"{name}/{key}".encode(), digest_size=8).digest(), "big") >> 1
+
+
+def _captions(txt: Optional[bytes], js: Optional[bytes]) -> list[str]:
+    if js is not None:
+        try:
+            obj = json.loads(js)
+            caps = obj.get("captions") if isinstance(obj, dict) else obj
+            if isinstance(caps, list):
+                caps = [str(c).strip() for c in caps if c is not None and str(c).strip()]
+                if caps:
+                    return caps
+        except (ValueError, UnicodeDecodeError):
+            pass
+    if txt is not None:
+        t = txt.decode("utf-8", errors="replace").strip()
+        if t:
+            return [t]
+    return []
+
+
+def encode_captions(captions: list[str], width: int = CAPTION_BYTES) -> np.ndarray:
+    out = np.zeros((len(captions), width), dtype=np.uint8)
+    for i, c in enumerate(captions):
+        b = c.encode("utf-8")[:width]
+        out[i, : len(b)] = np.frombuffer(b, dtype=np.uint8)
+    return out
+
+
+def decode_captions(arr) -> list[str]:
+    """Eval rows' `caption` (uint8 array or tensor, (N, CAPTION_BYTES)) -> strings."""
+    a = np.asarray(arr.cpu() if hasattr(arr, "cpu") else arr, dtype=np.uint8)
+    return [bytes(row).rstrip(b"\0").decode("utf-8", errors="ignore") for row in a]
+
+
+def current_epoch() -> int:
+    """Which execution (epoch) of the dataset this task belongs to (0 outside Ray Data)."""
+    try:
+        from ray.data.context import DataContext
+
+        return int(getattr(DataContext.get_current(), "_execution_idx", 0))
+    except Exception:
+        return 0
+
+
+@dataclass
+class Decoder:
+    """The map_batches UDF: raw byte rows -> {"image", "tokens", "sample_id"[, "caption"]}."""
+    image_size: int
+    vocab_size: int
+    context_length: int
+    augment: bool
+    seed: int
+    stats: Optional[DataStats]
+    with_caption: bool = False
+
+    def __call__(self, batch: dict) -> dict:
+        from llip_core.preprocess import CorruptImageError, load_rgb, normalize, transform
+        from llip_core.tokenizer import WordHashTokenizer
+
+        epoch = current_epoch()
+        n = len(batch["key"])
+        counts = {k: 0 for k in STATS_KEYS}
+        counts["data/seen"] = n
+        images = np.empty((n, self.image_size, self.image_size, 3), dtype=np.uint8)
+        chosen, ids, all_caps = [], [], []
+        m = 0
+        for i in range(n):
+            err = batch["error"][i]
+            if err is not None:
+                counts["data/truncated_shards"] += 1
+                counts["data/skipped"] += 1
+                continue
+            data = batch["image"][i]
+            caps = _captions(batch["txt"][i], batch["json"][i])
+            if data is None:
+                counts["data/skipped_no_image"] += 1
+                counts["data/skipped"] += 1
+                continue
+            if not caps:
+                counts["data/skipped_no_caption"] += 1
+                counts["data/skipped"] += 1
+                continue
+            sid = sample_id(str(batch["url"][i]), str(batch["key"][i]))
+            rng = np.random.default_rng([sid, epoch, self.seed]) if self.augment or len(caps) > 1 else None
+            try:
+                img = load_rgb(bytes(data), draft_size=self.image_size)
+                images[m] = transform(img, self.image_size, rng, self.augment)
+            except CorruptImageError:
+                counts["data/skipped_corrupt_image"] += 1
+                counts["data/skipped"] += 1
+                continue
+            chosen.append(caps[int(rng.integers(len(caps)))] if len(caps) > 1 and not self.with_caption else caps[0])
+            ids.append(sid)
+            m += 1
+        if self.stats is not None:
+            self.stats.add({k: v for k, v in counts.items() if v})
+        tok = WordHashTokenizer(self.vocab_size, self.context_length)
+        out = {
+            "image": normalize(images[:m]),
+            "tokens": tok(chosen) if chosen else np.zeros((0, self.context_length), dtype=np.int64),
+            "sample_id": np.asarray(ids, dtype=np.int64),
+        }
+        if self.with_caption:
+            out["caption"] = encode_captions(chosen)
+        return out
+
+
+def _map_batch_size(image_size: int) -> int:
+    return int(min(512, max(16, TARGET_BLOCK_BYTES // (3 * image_size * image_size * 4))))
+
+
+def decode_dataset(raw: "ray.data.Dataset", decoder: Decoder, concurrency: int, num_cpus: float) -> "ray.data.Dataset":
+    return raw.map_batches(decoder, batch_size=_map_batch_size(decoder.image_size), batch_format="numpy",
+                           num_cpus=num_cpus, concurrency=concurrency, zero_copy_batch=True)
+
+
+# --------------------------------------------------------------------------------------------
+# driver side
+# --------------------------------------------------------------------------------------------
+def build_datasets(cfg: "ExperimentConfig") -> tuple[dict[str, "ray.data.Dataset"], DataStats]:
+    """Preflight every shard location, then the lazy Ray datasets {"train"[, "eval"]} and the
+    shared bad-data counters. Nothing runs until a trainer iterates."""
+    m = cfg.model.resolve()
+    d = cfg.data
+    locations = {TRAIN: d.train, **({EVAL: d.eval} if d.eval else {})}
+    resolved = {name: resolve_shards(loc, d.s3, f"data.{name}") for name, loc in locations.items()}
+    stats = DataStats.create()
+    datasets = {}
+    for name, (paths, fs) in resolved.items():
+        is_train = name == TRAIN
+        raw = read_shards(paths, fs, shuffle_seed=cfg.seed if is_train else None, num_cpus=d.decode_cpus)
+        dec = Decoder(image_size=m.image_size, vocab_size=m.vocab_size, context_length=m.context_length,
+                      augment=d.augment and is_train, seed=cfg.seed, stats=stats if is_train else None,
+                      with_caption=not is_train)
+        datasets[name] = decode_dataset(raw, dec, d.decode_concurrency, d.decode_cpus)
+    return datasets, stats
+
+
+def data_config():
+    """The trainer's DataConfig: split "train" across workers, give every worker all of "eval"."""
+    from ray.train import DataConfig
+
+    return DataConfig(datasets_to_split=list(DATASETS_TO_SPLIT))
+
+
+def manifest_tags(cfg: "ExperimentConfig") -> dict[str, str]:
+    """MLflow tags naming the training data: the manifest fingerprint and (for S3) a redacted
+    description of the endpoint. Never credentials."""
+    from orchestrator import s3
+    from orchestrator.shards import read_manifest
+
+    train = cfg.data.train.rstrip("/")
+    root = train.rsplit("/", 1)[0] if train.endswith("/" + TRAIN) else train
+    tags = {"llip.data_train": cfg.data.train}
+    man = read_manifest(root, cfg.data.s3)
+    if man and man.get("fingerprint"):
+        tags["llip.data_manifest"] = str(man["fingerprint"])
+    if s3.is_s3_url(train):
+        tags["llip.data_s3"] = s3.redacted(cfg.data.s3)
+    return tags
+
+
+# --------------------------------------------------------------------------------------------
+# training-worker side
+# --------------------------------------------------------------------------------------------
+def iter_train_batches(shard, local_batch_size: int, shuffle_buffer: int, epoch_seed: int):
+    """One epoch of this worker's part of "train" as torch batches {"image", "tokens", "sample_id"}.
+
+    `shard` is `ray.train.get_dataset_shard("train")`. drop_last keeps ranks in lockstep; the
+    local shuffle buffer mixes samples across the (already reshuffled) shards, seeded per epoch."""
+    import torch
+
+    buf = shuffle_buffer if shuffle_buffer and shuffle_buffer > 1 else None
+    return shard.iter_torch_batches(
+        batch_size=local_batch_size,
+        drop_last=True,
+        local_shuffle_buffer_size=buf,
+        local_shuffle_seed=epoch_seed if buf else None,
+        dtypes={"image": torch.float32, "tokens": torch.int64, "sample_id": torch.int64},
+        prefetch_batches=2,
+    )
