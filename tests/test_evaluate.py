@@ -1,0 +1,167 @@
+"""Evaluation functions on hand-built features with known answers, and against loop references."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llip_core.config import SIZES
+from llip_core.evaluate import class_text_features, retrieval_recall, zero_shot_classify
+from llip_core.losses import llip_pair_logits
+from llip_core.model import LlipModel
+from llip_core.tokenizer import WordHashTokenizer
+
+torch.set_num_threads(1)
+
+
+class TableModel:
+    """A stand-in model: "images" and "tokens" are row indices into hand-built feature tables."""
+
+    def __init__(self, image_table: dict, text_table: dict, tau: float = 1.0):
+        self.image_table, self.text_table, self.tau = image_table, text_table, tau
+
+    def encode_image(self, idx):
+        return {k: v[idx] for k, v in self.image_table.items()}
+
+    def encode_text(self, idx):
+        idx = idx[:, 0] if idx.ndim == 2 else idx
+        return {k: v[idx] for k, v in self.text_table.items()}
+
+    def pair_scores(self, img, txt):
+        if "keys" in img:
+            D = txt["text_emb"].shape[1]
+            return llip_pair_logits(img["keys"], img["values"], txt["queries"], txt["text_emb"],
+                                    torch.eye(D), self.tau, chunk_size=3)
+        return img["image_emb"] @ txt["text_emb"].T
+
+
+def test_retrieval_known_answer_dot():
+    torch.manual_seed(0)
+    N = 20
+    text = F.normalize(torch.randn(N, 16), dim=-1)
+    perm = torch.arange(N)
+    perm[15:] = torch.tensor([16, 17, 18, 19, 15])  # the last 5 images look exactly like another caption
+    model = TableModel({"image_emb": text[perm]}, {"text_emb": text})
+    out = retrieval_recall(model, torch.arange(N), torch.arange(N), ks=(1, 5), batch_size=7)
+    assert out["i2t_r@1"] == pytest.approx(15 / 20) and out["t2i_r@1"] == pytest.approx(15 / 20)
+    assert out["r@1"] == pytest.approx(15 / 20)
+    assert set(out) == {"i2t_r@1", "i2t_r@5", "t2i_r@1", "t2i_r@5", "r@1", "r@5"}
+
+
+def test_retrieval_ties_count_against_the_positive():
+    N = 12
+    same = F.normalize(torch.ones(N, 4), dim=-1)
+    out = retrieval_recall(TableModel({"image_emb": same}, {"text_emb": same}), torch.arange(N), torch.arange(N))
+    assert out["r@1"] == 0.0 and out["r@10"] == 0.0
+
+
+def _loop_recall(S, k):
+    n = S.shape[0]
+    i2t = sum(sum(1 for j in range(n) if j != i and S[i, j] >= S[i, i]) < k for i in range(n)) / n
+    t2i = sum(sum(1 for j in range(n) if j != i and S[j, i] >= S[i, i]) < k for i in range(n)) / n
+    return i2t, t2i
+
+
+@pytest.mark.parametrize("pooling", ["llip", "cls", "avg", "register"])
+def test_retrieval_real_model_matches_loop_reference(pooling):
+    torch.manual_seed(0)
+    cfg = SIZES["micro"].replace(pooling=pooling)
+    m = LlipModel(cfg)
+    N = 11
+    images = torch.randn(N, 3, cfg.image_size, cfg.image_size)
+    tok = WordHashTokenizer(cfg.vocab_size, cfg.context_length)
+    tokens = torch.as_tensor(tok([f"caption number {i} {'x' * (i % 3)}" for i in range(N)]))
+    out = retrieval_recall(m, images, tokens, ks=(1, 2, 5), batch_size=4)
+    with torch.no_grad():
+        S = m.pair_scores(m.encode_image(images), m.encode_text(tokens), literal=True)
+    for k in (1, 2, 5):
+        i2t, t2i = _loop_recall(S, k)
+        assert out[f"i2t_r@{k}"] == pytest.approx(i2t) and out[f"t2i_r@{k}"] == pytest.approx(t2i)
+
+
+class _IdTokenizer:
+    """Prompts -> rows of the text table: "template|class" strings look up a prepared index."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def __call__(self, prompts):
+        return torch.tensor([[self.index[p]] for p in prompts])
+
+
+def test_zero_shot_llip_known_answer_needs_template_averaging():
+    """H=1, K=2, D=2, out_proj = I; token k's key is 3 e_k in every image.
+
+    Template t of class c has query 4 e_c + (+/-)6 e_{1-c}: alone it attends to token 1-c, but the mean
+    over templates, 4 e_c, attends to token c. Text embeddings e_c +/- 0.3 e_{1-c} average to e_c.
+    Image 0 (class 0) has values (e_0, -e_1), image 1 (class 1) has (-e_0, e_1): conditioned on its own
+    class's token each image matches its class with cosine 1 and the other with -1, so averaging queries
+    gives top-1 = 1; a single template attends to the wrong token and gets every image wrong."""
+    e = torch.eye(2)
+    keys = (3.0 * e).expand(2, 1, 2, 2)  # (images, H, K, d)
+    values = torch.stack([torch.stack([e[0], -e[1]]), torch.stack([-e[0], e[1]])])[:, None]
+    index, queries, texts = {}, [], []
+    for c in range(2):
+        for t, sign in enumerate((1.0, -1.0)):
+            index[f"t{t}|c{c}"] = len(queries)
+            queries.append(4.0 * e[c] + sign * 6.0 * e[1 - c])
+            texts.append(F.normalize(e[c] + sign * 0.3 * e[1 - c], dim=-1))
+    model = TableModel({"keys": keys, "values": values},
+                       {"queries": torch.stack(queries)[:, None], "text_emb": torch.stack(texts)}, tau=1.0)
+    tok, labels = _IdTokenizer(index), torch.tensor([0, 1])
+
+    cls = class_text_features(model, ["c0", "c1"], ["t0|{}", "t1|{}"], tok)
+    torch.testing.assert_close(cls["queries"][:, 0], 4.0 * e)
+    torch.testing.assert_close(cls["text_emb"], e)
+    S = model.pair_scores(model.encode_image(torch.arange(2)), cls)
+    torch.testing.assert_close(S, torch.tensor([[1.0, -1.0], [-1.0, 1.0]]), atol=1e-4, rtol=0)
+
+    assert zero_shot_classify(model, torch.arange(2), labels, ["c0", "c1"], ["t0|{}", "t1|{}"], tok) == {"top1": 1.0}
+    assert zero_shot_classify(model, torch.arange(2), labels, ["c0", "c1"], ["t0|{}"], tok) == {"top1": 0.0}
+
+
+def test_zero_shot_known_answer_dot_top1_top5():
+    torch.manual_seed(0)
+    C, T = 6, 3
+    base = F.normalize(torch.randn(C, 32), dim=-1)
+    index, texts = {}, []
+    for c in range(C):
+        for t in range(T):
+            index[f"t{t}|c{c}"] = len(texts)
+            texts.append(F.normalize(base[c] + 0.05 * torch.randn(32), dim=-1))
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1])
+    img = base[labels].clone()
+    img[7] = F.normalize(base[3] + 0.5 * base[1], dim=-1)  # label 1, looks like class 3, class 1 runner-up
+    model = TableModel({"image_emb": img}, {"text_emb": torch.stack(texts)})
+    names = [f"c{c}" for c in range(C)]
+    out = zero_shot_classify(model, torch.arange(8), labels, names, [f"t{t}|{{}}" for t in range(T)],
+                             _IdTokenizer(index), batch_size=3)
+    assert out == {"top1": pytest.approx(7 / 8), "top5": pytest.approx(1.0)}
+    out = zero_shot_classify(model, torch.arange(8), labels[:8] % 4, names[:4], ["t0|{}"], _IdTokenizer(index))
+    assert set(out) == {"top1"}
+
+
+@pytest.mark.parametrize("pooling", ["llip", "cls"])
+def test_zero_shot_real_model_matches_loop_reference(pooling):
+    torch.manual_seed(0)
+    cfg = SIZES["micro"].replace(pooling=pooling)
+    m = LlipModel(cfg)
+    tok = WordHashTokenizer(cfg.vocab_size, cfg.context_length)
+    names = ["cat", "dog", "red apple", "tree", "car", "boat"]
+    templates = ["a photo of a {}.", "a {} in the wild", lambda c: f"art of {c}"]
+    images = torch.randn(9, 3, cfg.image_size, cfg.image_size)
+    labels = torch.arange(9) % 6
+    out = zero_shot_classify(m, images, labels, names, templates, tok, batch_size=4)
+    with torch.no_grad():
+        img = m.encode_image(images)
+        scores = torch.zeros(9, 6)
+        for c, name in enumerate(names):
+            prompts = [t(name) if callable(t) else t.format(name) for t in templates]
+            f = m.encode_text(torch.as_tensor(tok(prompts)))
+            emb = f["text_emb"].mean(0)
+            feats = {"text_emb": (emb / emb.norm())[None]}
+            if pooling == "llip":
+                feats["queries"] = f["queries"].mean(0)[None]
+            scores[:, c] = m.pair_scores(img, feats, literal=True)[:, 0]
+    ranks = torch.tensor([sum(1 for c in range(6) if c != labels[i] and scores[i, c] >= scores[i, labels[i]])
+                          for i in range(9)])
+    assert out["top1"] == pytest.approx(float((ranks < 1).float().mean()))
+    assert out["top5"] == pytest.approx(float((ranks < 5).float().mean()))
