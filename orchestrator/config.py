@@ -138,7 +138,7 @@ class SchedulerSection(_Strict):
 class SweepSection(_Strict):
     params: dict[str, SearchSpace]  # dotted config path -> space
     num_samples: int = Field(1, ge=1)
-    metric: str = "eval/recall@1"
+    metric: str = "eval/recall1"  # mean of image->text and text->image recall@1 on held-out data
     mode: Literal["min", "max"] = "max"
     scheduler: Optional[SchedulerSection] = None
     max_concurrent_trials: Optional[int] = Field(None, ge=1)  # None: derived from cluster resources

@@ -102,11 +102,13 @@ def start_mlflow_run(cfg: ExperimentConfig, run_name: Optional[str], parent_run_
 
 
 def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent_run_id: Optional[str] = None,
-                   tags: Optional[dict[str, str]] = None) -> RunResult:
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+                   tags: Optional[dict[str, str]] = None, callbacks: Optional[list] = None) -> RunResult:
+    """`callbacks`: Ray Train UserCallbacks for the trainer's RunConfig (a sweep passes its
+    TuneReportCallback here so Tune sees the trial's metrics)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.data import build_datasets
+    from orchestrator.data import build_datasets, data_config, manifest_tags
     from orchestrator.train import train_loop_per_worker
 
     init_ray()
@@ -134,9 +136,12 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
             storage_filesystem=_storage_filesystem(cfg),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            # Train's INFO lines repeat every report's metrics; our rank-0 progress lines say enough.
+            logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=data_config(),
     )
     try:
         result = trainer.fit()
@@ -158,24 +163,6 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
     c.set_terminated(run_id, status="FINISHED")
     return RunResult(run_id=run_id, run_name=run_name, tracking_uri=uri, metrics=dict(result.metrics or {}),
                      checkpoint=ckpt)
-
-
-def manifest_tags(cfg: ExperimentConfig) -> dict[str, str]:
-    """Fingerprint of the training data's manifest (written by `llip shards`), for the run's tags."""
-    import hashlib
-    import json
-
-    train = cfg.data.train.rstrip("/")
-    parent = train.rsplit("/", 1)[0] if "/" in train else "."
-    try:
-        if "://" in parent:
-            return {}
-        text = (Path(parent) / "manifest.json").read_text()
-    except OSError:
-        return {}
-    m = json.loads(text)
-    fp = m.get("fingerprint") or hashlib.sha1(text.encode()).hexdigest()[:12]
-    return {"llip.data_manifest": str(fp)}
 
 
 def _storage_filesystem(cfg: ExperimentConfig):
@@ -218,8 +205,8 @@ def print_summary(cfg: ExperimentConfig, r: RunResult) -> None:
         ("steps", f"{m.get('step', '?')}"),
         ("final train loss", f"{m['train/loss']:.4f}" if "train/loss" in m else "-"),
     ]
-    for k, label in [("eval/i2t_r@1", "image->text R@1"), ("eval/i2t_r@5", "image->text R@5"),
-                     ("eval/t2i_r@1", "text->image R@1"), ("eval/t2i_r@5", "text->image R@5")]:
+    for k, label in [("eval/i2t_recall1", "image->text R@1"), ("eval/i2t_recall5", "image->text R@5"),
+                     ("eval/t2i_recall1", "text->image R@1"), ("eval/t2i_recall5", "text->image R@5")]:
         if k in m:
             rows.append((f"held-out {label}", f"{100 * m[k]:.2f}%"))
     if n_eval:

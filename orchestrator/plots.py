@@ -5,7 +5,7 @@ import tempfile
 from pathlib import Path
 
 
-def plot_run_curves(c, run_id: str, keys: tuple[str, ...] = ("train/loss", "eval/r@1", "train/logit_scale")) -> None:
+def plot_run_curves(c, run_id: str, keys: tuple[str, ...] = ("train/loss", "eval/recall1", "train/logit_scale")) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -7,6 +7,7 @@ to report). Rank 0 alone writes metrics to MLflow and checkpoints to the run's s
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -34,6 +35,11 @@ def _load_checkpoint() -> dict[str, Any] | None:
         return torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=False)
 
 
+def say(msg: str) -> None:
+    """Print once: Ray Train patches print() to tee into its logger, which doubles every line."""
+    print(msg, file=sys.__stdout__, flush=True)
+
+
 def _all_reduce_mean(values: list[float], world: int) -> list[float]:
     if world == 1:
         return values
@@ -47,15 +53,17 @@ def evaluate(core, dataset_shard, device, batch_size: int = 256) -> dict[str, fl
     from llip_core.evaluate import retrieval_recall
 
     images, tokens = [], []
-    for batch in dataset_shard.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.float32, "tokens": torch.int64}):
-        images.append(batch["image"])
-        tokens.append(batch["tokens"])
+    for batch in dataset_shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        # Ray hands out read-only arrays: copy before torch.from_numpy
+        images.append(torch.from_numpy(batch["image"].astype("float32", copy=True)))
+        tokens.append(torch.from_numpy(batch["tokens"].astype("int64", copy=True)))
     if not images:
         return {}
     core.eval()
     out = retrieval_recall(core.model, torch.cat(images).to(device), torch.cat(tokens).to(device))
     core.train()
-    out = {f"eval/{k}": float(v) for k, v in out.items()}
+    # MLflow metric names may not contain "@": i2t_r@1 -> eval/i2t_recall1, r@1 -> eval/recall1
+    out = {"eval/" + k.replace("r@", "recall"): float(v) for k, v in out.items()}
     out["eval/num_samples"] = float(sum(len(x) for x in images))
     return out
 
@@ -93,7 +101,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         step, epoch = state["step"], state["epoch"]
         if rank == 0:
-            print(f"[llip] resumed from checkpoint at step {step}, epoch {epoch}", flush=True)
+            say(f"[llip] resumed from checkpoint at step {step}, epoch {epoch}")
     task = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": False}) if world > 1 else core
 
     logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 and config.get("mlflow_run_id") else None
@@ -157,8 +165,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     metrics.update(evaluate(core, eval_shard, device))
                 report(metrics, with_checkpoint=ckpt_due)
                 if rank == 0:
-                    print(f"[llip] step {step}/{cfg.train.steps} loss {loss_mean:.4f} lr {lr:.2e} "
-                          f"{metrics['train/samples_per_s']:.0f} samples/s", flush=True)
+                    say(f"[llip] step {step}/{cfg.train.steps} loss {loss_mean:.4f} lr {lr:.2e} "
+                        f"{metrics['train/samples_per_s']:.0f} samples/s")
                 window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
             if last:
                 done = True

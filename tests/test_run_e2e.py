@@ -40,7 +40,7 @@ def test_smoke_run_trains_logs_and_checkpoints(emoji_shards, cli_env, tmp_path):
     hist = sorted(c.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
     assert [m.step for m in hist] == [5, 10, 15, 20, 25, 30]
     assert hist[-1].value < hist[0].value - 0.05, [m.value for m in hist]
-    for key in ("train/lr", "train/logit_scale", "train/samples_per_s", "eval/i2t_r@1", "data/skipped"):
+    for key in ("train/lr", "train/logit_scale", "train/samples_per_s", "eval/i2t_recall1", "data/skipped"):
         assert c.get_metric_history(run.info.run_id, key), key
     assert c.get_metric_history(run.info.run_id, "data/skipped")[-1].value == 0
     arts = {a.path for a in c.list_artifacts(run.info.run_id)} | {
