@@ -136,43 +136,50 @@ def _arrow_schema():
                       ("txt", pa.binary()), ("json", pa.binary()), ("error", pa.string())])
 
 
+def read_tar_stream(stream, path: str) -> Iterator:
+    """One tar (a file-like stream) -> pyarrow tables of raw samples {key, url, image, txt, json,
+    error}. Members are grouped by key as WebDataset does (Ray's own grouping code). A tar that
+    ends early or is damaged yields the samples before the damage and then one row with `error`
+    set, which the decode stage counts, instead of failing the whole read (and with it the run)."""
+    import pyarrow as pa
+    from ray.data._internal.datasource.webdataset_datasource import _group_by_keys, _tar_file_iterator
+
+    schema = _arrow_schema()
+    damage: list[str] = []
+
+    def members():
+        try:
+            yield from _tar_file_iterator(stream)
+        except (tarfile.TarError, EOFError, zlib.error) as e:
+            damage.append(f"{type(e).__name__}: {e}")
+
+    rows: list[dict] = []
+    try:
+        for s in _group_by_keys(members(), meta={"__url__": path}):
+            image = next((s[k] for k in IMAGE_KEYS if k in s), None)
+            rows.append({"key": s["__key__"], "url": path, "image": image, "txt": s.get("txt"),
+                         "json": s.get("json"), "error": None})
+            if len(rows) >= READ_CHUNK_ROWS:
+                yield pa.Table.from_pylist(rows, schema=schema)
+                rows = []
+    except ValueError as e:  # non-contiguous or duplicate members: the rest of the tar is unusable
+        damage.append(f"ValueError: {e}")
+    if damage:
+        rows.append({"key": "__damaged__", "url": path, "image": None, "txt": None, "json": None,
+                     "error": damage[0][:300]})
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=schema)
+
+
 def _datasource_cls():
-    from ray.data._internal.datasource.webdataset_datasource import (
-        WebDatasetDatasource, _group_by_keys, _tar_file_iterator)
+    from ray.data._internal.datasource.webdataset_datasource import WebDatasetDatasource
 
     class TolerantWebDatasetDatasource(WebDatasetDatasource):
-        """Ray's WebDataset reader (decoder=None: bytes), with one change: a tar that ends early or
-        is damaged yields the samples before the damage and a row with `error` set, which the
-        decode stage counts, instead of failing the whole read (and with it the run)."""
+        """Ray's WebDataset datasource (file listing, per-epoch file shuffle, read tasks), reading
+        each tar with `read_tar_stream`: bytes only, and tolerant of truncated tars."""
 
         def _read_stream(self, stream, path: str) -> Iterator:
-            import pyarrow as pa
-
-            schema = _arrow_schema()
-            damage: list[str] = []
-
-            def members():
-                try:
-                    yield from _tar_file_iterator(stream)
-                except (tarfile.TarError, EOFError, zlib.error) as e:
-                    damage.append(f"{type(e).__name__}: {e}")
-
-            rows: list[dict] = []
-            try:
-                for s in _group_by_keys(members(), meta={"__url__": path}):
-                    image = next((s[k] for k in IMAGE_KEYS if k in s), None)
-                    rows.append({"key": s["__key__"], "url": path, "image": image, "txt": s.get("txt"),
-                                 "json": s.get("json"), "error": None})
-                    if len(rows) >= READ_CHUNK_ROWS:
-                        yield pa.Table.from_pylist(rows, schema=schema)
-                        rows = []
-            except ValueError as e:  # non-contiguous or duplicate members: the rest of the tar is unusable
-                damage.append(f"ValueError: {e}")
-            if damage:
-                rows.append({"key": "__damaged__", "url": path, "image": None, "txt": None, "json": None,
-                             "error": damage[0][:300]})
-            if rows:
-                yield pa.Table.from_pylist(rows, schema=schema)
+            return read_tar_stream(stream, path)
 
     return TolerantWebDatasetDatasource
 
