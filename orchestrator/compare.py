@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from orchestrator.errors import UserError
 
-DEFAULT_METRIC = "eval/i2t_r@1"
+DEFAULT_METRIC = "eval/recall1"
 SWEEP_TAG = "llip.sweep"
 
 

@@ -102,9 +102,12 @@ def start_mlflow_run(cfg: ExperimentConfig, run_name: Optional[str], parent_run_
 
 
 def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent_run_id: Optional[str] = None,
-                   tags: Optional[dict[str, str]] = None, callbacks: Optional[list] = None) -> RunResult:
+                   tags: Optional[dict[str, str]] = None, callbacks: Optional[list] = None,
+                   data_cpu_limit: Optional[float] = None) -> RunResult:
     """`callbacks`: Ray Train UserCallbacks for the trainer's RunConfig (a sweep passes its
-    TuneReportCallback here so Tune sees the trial's metrics)."""
+    TuneReportCallback here so Tune sees the trial's metrics). `data_cpu_limit`: cap on the CPUs
+    this run's Ray Data pipeline may hold (a sweep gives each trial its share; unset, Ray Data
+    takes every free CPU and concurrent trials wait for it)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -141,7 +144,7 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=data_config(),
+        dataset_config=data_config() if data_cpu_limit is None else _capped_data_config(data_cpu_limit),
     )
     try:
         result = trainer.fit()
@@ -163,6 +166,17 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
     c.set_terminated(run_id, status="FINISHED")
     return RunResult(run_id=run_id, run_name=run_name, tracking_uri=uri, metrics=dict(result.metrics or {}),
                      checkpoint=ckpt)
+
+
+def _capped_data_config(cpus: float):
+    from ray.data import ExecutionResources
+    from ray.train import DataConfig
+
+    from orchestrator.data import DATASETS_TO_SPLIT
+
+    opts = DataConfig.default_ingest_options()
+    opts.resource_limits = ExecutionResources(cpu=cpus)
+    return DataConfig(datasets_to_split=list(DATASETS_TO_SPLIT), execution_options=opts)
 
 
 def _storage_filesystem(cfg: ExperimentConfig):
