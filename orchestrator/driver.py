@@ -154,8 +154,9 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
         msg = _one_line(e)
         c.set_tag(run_id, "llip.error", msg[:5000])
         c.log_text(run_id, "".join(traceback.format_exception(e)), "error.txt")
-        c.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        if isinstance(e, KeyboardInterrupt):
+        interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))  # Ray turns Ctrl-C into SystemExit
+        c.set_terminated(run_id, status="KILLED" if interrupted else "FAILED")
+        if interrupted:
             raise
         raise UserError(f"run {run_name} failed: {msg} (MLflow run {run_id} marked FAILED)") from e
 
