@@ -34,73 +34,103 @@ def llip_pair_logits_literal(keys, values, queries, text_emb, out_proj, tau):
     return torch.einsum("ijd,jd->ij", z, F.normalize(text_emb, dim=-1, eps=NORM_EPS))
 
 
-def _chunk_forward(k, v, q, p, c4, tau):
-    """Terms of the score for a chunk of images against all texts.
+def _gram(v, c4):
+    """G_i[(h,k),(g,l)] = V_i[h,k] C_hg V_i[g,l]^T for a chunk: v (H, c, K, d) -> (c, HK, HK), symmetric."""
+    H, c, K, _ = v.shape
+    vc = torch.einsum("hikd,hdge->ihkge", v, c4)  # V_i[h,k] C_hg: O(K D^2) per image, not per pair
+    G = torch.einsum("ihkge,gile->ihkgl", vc, v).reshape(c, H * K, H * K)
+    return 0.5 * (G + G.transpose(1, 2))  # exactly symmetric, as the backward assumes
+
+
+def _chunk_forward(k, v, qt, pt, c4):
+    """Terms of the score for a chunk of c images against all n texts.
 
     With u_ij = concat_h(a_ij V_i) (heads concatenated) and W = out_proj, z_ij = u_ij W, so
       <z_ij, t_j> = <u_ij, W t_j> = sum_{h,k} a_ij[h,k] <V_i[h,k], p_j[h]>,   p = t W^T (folded text side)
       ||z_ij||^2  = a_ij^T G_i a_ij,  G_i[(h,k),(g,l)] = V_i[h,k] C_hg V_i[g,l]^T,   C = W W^T,
     i.e. a Gram matrix per image in attention space (HK x HK); nothing of size D is built per pair.
+    Layout: k, v (H, c, K, d); qt = q^T / tau, pt = p^T (H, d, n); per-pair tensors (H, c, K, n), so
+    every product is one batched matmul over heads and no per-pair tensor is permuted except once for
+    the Gram product. Returns A (H,c,K,n), M = <V, p>, Ac = A as (c, HK, n), AG = G Ac, num, nsq.
     """
-    c, H, K, _ = k.shape
-    n = q.shape[0]
-    A = (torch.einsum("ihkd,jhd->ijhk", k, q) / tau).softmax(-1)  # (c, n, H, K)
-    M = torch.einsum("ihkd,jhd->ijhk", v, p)  # <V_i[h,k], p_j[h]>
-    num = (A * M).sum((-1, -2))  # (c, n)
-    vc = torch.einsum("ihkd,hdge->ihkge", v, c4)  # V_i[h,k] C_hg
-    G = torch.einsum("ihkge,igle->ihkgl", vc, v).reshape(c, H * K, H * K)
-    G = 0.5 * (G + G.transpose(1, 2))  # exactly symmetric, as the backward assumes
-    Af = A.reshape(c, n, H * K)
-    AG = torch.bmm(Af, G)  # (c, n, HK)
-    nsq = (AG * Af).sum(-1)
-    return A, M, AG, num, nsq
+    H, c, K, d = k.shape
+    n = qt.shape[-1]
+    A = torch.bmm(k.reshape(H, c * K, d), qt).view(H, c, K, n).softmax(2)  # softmax over K
+    M = torch.bmm(v.reshape(H, c * K, d), pt).view(H, c, K, n)
+    num = (A * M).sum((0, 2))  # (c, n)
+    Ac = A.permute(1, 0, 2, 3).reshape(c, H * K, n)
+    AG = torch.bmm(_gram(v, c4), Ac)  # (c, HK, n)
+    nsq = (AG * Ac).sum(1)  # (c, n)
+    return A, M, Ac, AG, num, nsq
 
 
 class _LlipScores(torch.autograd.Function):
-    """Chunked over images; backward recomputes each chunk's per-pair terms instead of storing them."""
+    """Chunked over images; backward recomputes each chunk's per-pair terms instead of storing them.
+
+    Inputs in head-major layouts: kk, vv (H, B_img, K, d); qt = (queries / tau)^T and pt = p^T
+    (H, d, B_txt); c4 = W W^T as (H, d, H, d)."""
 
     @staticmethod
-    def forward(ctx, keys, values, queries, p, c4, tau, chunk_size):
-        ctx.tau, ctx.chunk = tau, chunk_size
-        out = keys.new_empty(keys.shape[0], queries.shape[0])
-        for s in range(0, keys.shape[0], chunk_size):
-            _, _, _, num, nsq = _chunk_forward(keys[s:s + chunk_size], values[s:s + chunk_size], queries, p, c4, tau)
+    def forward(ctx, kk, vv, qt, pt, c4, chunk_size):
+        ctx.chunk = chunk_size
+        B = kk.shape[1]
+        out = kk.new_empty(B, qt.shape[-1])
+        for s in range(0, B, chunk_size):
+            *_, num, nsq = _chunk_forward(kk[:, s:s + chunk_size], vv[:, s:s + chunk_size], qt, pt, c4)
             out[s:s + chunk_size] = num / nsq.clamp_min(NORM_EPS ** 2).sqrt()
-        ctx.save_for_backward(keys, values, queries, p, c4)
+        ctx.save_for_backward(kk, vv, qt, pt, c4)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        keys, values, queries, p, c4 = ctx.saved_tensors
-        tau, chunk = ctx.tau, ctx.chunk
-        with torch.autocast(device_type=keys.device.type, enabled=False):
-            dk, dv = torch.zeros_like(keys), torch.zeros_like(values)
-            dq, dp, dc4 = torch.zeros_like(queries), torch.zeros_like(p), torch.zeros_like(c4)
-            H, K = keys.shape[1], keys.shape[2]
-            for s in range(0, keys.shape[0], chunk):
-                k, v, g = keys[s:s + chunk], values[s:s + chunk], grad_out[s:s + chunk]
-                c = k.shape[0]
-                A, M, AG, num, nsq = _chunk_forward(k, v, queries, p, c4, tau)
+        kk, vv, qt, pt, c4 = ctx.saved_tensors
+        chunk = ctx.chunk
+        H, B, K, d = kk.shape
+        with torch.autocast(device_type=kk.device.type, enabled=False):
+            dkk, dvv = torch.empty_like(kk), torch.empty_like(vv)
+            dqt, dpt, dc4 = torch.zeros_like(qt), torch.zeros_like(pt), torch.zeros_like(c4)
+            for s in range(0, B, chunk):
+                k, v, g = kk[:, s:s + chunk], vv[:, s:s + chunk], grad_out[s:s + chunk]
+                c = k.shape[1]
+                A, M, Ac, AG, num, nsq = _chunk_forward(k, v, qt, pt, c4)
                 live = nsq > NORM_EPS ** 2  # below eps the norm is clamped: no gradient through it
-                n = nsq.clamp_min(NORM_EPS ** 2).sqrt()
-                d_num = g / n
-                d_nsq = torch.where(live, -0.5 * g * num / (n * n * n), torch.zeros_like(n))
-                # d nsq / d a = 2 G a = 2 AG (G symmetric): reuses the forward product
-                dA = d_num[..., None, None] * M + (2 * d_nsq[..., None] * AG).view_as(A)
-                dM = d_num[..., None, None] * A
-                dS = A * (dA - (dA * A).sum(-1, keepdim=True)) / tau  # softmax backward, then 1/tau
-                dk[s:s + chunk] = torch.einsum("ijhk,jhd->ihkd", dS, queries)
-                dq += torch.einsum("ijhk,ihkd->jhd", dS, k)
-                dp += torch.einsum("ijhk,ihkd->jhd", dM, v)
-                Af = A.reshape(c, -1, H * K)
-                dG = torch.bmm((Af * d_nsq[..., None]).transpose(1, 2), Af).view(c, H, K, H, K)
-                T = torch.einsum("ihkgl,igle->ihkge", dG, v)
-                dv[s:s + chunk] = torch.einsum("ijhk,jhd->ihkd", dM, p) + 2 * torch.einsum("ihkge,gehf->ihkf", T, c4)
-                dc4 += torch.einsum("ihkd,ihkge->hdge", v, T)
-        return dk, dv, dq, dp, dc4, None, None
+                nrm = nsq.clamp_min(NORM_EPS ** 2).sqrt()
+                d_num = g / nrm
+                d_nsq = torch.where(live, -0.5 * g * num / (nrm * nrm * nrm), torch.zeros_like(nrm))
+                # dG_i = sum_j d_nsq_ij a_ij a_ij^T, then Ac is no longer needed
+                dG = torch.bmm(Ac * d_nsq[:, None, :], Ac.transpose(1, 2)).view(c, H, K, H, K)
+                del Ac
+                # d score / d a = d_num M + 2 d_nsq G a   (G symmetric: reuses the forward product AG)
+                dA = M.mul_(d_num[None, :, None, :])
+                dA.addcmul_(AG.view(c, H, K, -1).permute(1, 0, 2, 3), (2 * d_nsq)[None, :, None, :])
+                del AG
+                dS = dA.sub_((dA * A).sum(2, keepdim=True)).mul_(A).view(H, c * K, -1)  # softmax backward
+                dM = A.mul_(d_num[None, :, None, :]).view(H, c * K, -1)
+                dkk[:, s:s + chunk] = torch.bmm(dS, qt.transpose(1, 2)).view(H, c, K, d)
+                dqt += torch.bmm(k.reshape(H, c * K, d).transpose(1, 2), dS)
+                dpt += torch.bmm(v.reshape(H, c * K, d).transpose(1, 2), dM)
+                del dS
+                # through the Gram matrix: G = X C X^T (X block-diagonal V) -> dV = 2 dG X C, dC = X^T dG X
+                T = torch.einsum("ihkgl,gile->ihkge", dG, v)
+                dvv[:, s:s + chunk] = (torch.bmm(dM, pt.transpose(1, 2)).view(H, c, K, d)
+                                       + 2 * torch.einsum("ihkge,gehf->hikf", T, c4))
+                dc4 += torch.einsum("hikd,ihkge->hdge", v, T)
+        return dkk, dvv, dqt, dpt, dc4, None
 
 
-def llip_pair_logits(keys, values, queries, text_emb, out_proj, tau, chunk_size: int = 128,
+# Auto chunking: per-pair chunk tensors of at most this many elements. On CPU, 4M fp32 = 16 MB stays
+# under glibc's 32 MB mmap threshold, so chunk buffers are reused from the heap instead of being
+# mmapped and page-faulted afresh each time (measured here: 128-image chunks at B=512 ran ~3x slower
+# than 32-image ones). CUDA's caching allocator has no such cost, so it gets bigger chunks.
+PAIR_BUDGET = {"cpu": 1 << 22, "default": 1 << 26}
+
+
+def auto_chunk_size(n_txt: int, heads: int, tokens: int, device: torch.device) -> int:
+    budget = PAIR_BUDGET.get(device.type, PAIR_BUDGET["default"])
+    return max(1, budget // max(1, n_txt * heads * tokens))
+
+
+def llip_pair_logits(keys, values, queries, text_emb, out_proj, tau, chunk_size: int | None = None,
                      literal: bool = False):
     """Cosine similarity between each text-conditioned image embedding z_ij and each normalised text.
 
@@ -110,8 +140,9 @@ def llip_pair_logits(keys, values, queries, text_emb, out_proj, tau, chunk_size:
     Efficient path (default): out_proj is folded into the text side (p_j = W t_j) and into a per-image
     Gram matrix in attention space for the norm, so per pair the cost is O(HK d + (HK)^2) instead of
     O(KD + D^2) and no (B_img, B_txt, D) tensor exists; images are processed `chunk_size` at a time and
-    the backward recomputes each chunk. Runs in at least float32 even under autocast (norms via a Gram matrix
-    need the precision).
+    the backward recomputes each chunk (memory O(chunk_size * B_txt * H * K); chunk_size=None picks it
+    from PAIR_BUDGET). Runs in at least float32
+    even under autocast (norms via a Gram matrix need the precision).
     """
     if literal:
         return llip_pair_logits_literal(keys, values, queries, text_emb, out_proj, tau)
@@ -120,11 +151,14 @@ def llip_pair_logits(keys, values, queries, text_emb, out_proj, tau, chunk_size:
         W = out_proj.to(dt)
         H, d = queries.shape[1], queries.shape[2]
         t = F.normalize(text_emb.to(dt), dim=-1, eps=NORM_EPS)
-        p = (t @ W.T).view(-1, H, d)
+        head_major = lambda x: x.to(dt).transpose(0, 1).contiguous()  # (B, H, ...) -> (H, B, ...)
+        qt = (queries.to(dt) / tau).permute(1, 2, 0).contiguous()  # (H, d, B_txt)
+        pt = (t @ W.T).view(-1, H, d).permute(1, 2, 0).contiguous()
         c4 = (W @ W.T).view(H, d, H, d)
-        return _LlipScores.apply(keys.to(dt).contiguous(), values.to(dt).contiguous(),
-                                 queries.to(dt).contiguous(), p.contiguous(), c4.contiguous(),
-                                 float(tau), max(1, int(chunk_size)))
+        chunk = auto_chunk_size(queries.shape[0], H, keys.shape[2], keys.device) if chunk_size is None \
+            else max(1, int(chunk_size))
+        return _LlipScores.apply(head_major(keys), head_major(values), qt, pt, c4.contiguous(),
+                                 chunk)
 
 
 # ============================================================================ scorers
@@ -136,7 +170,7 @@ def dot_scores(image_features: dict, text_features: dict) -> torch.Tensor:
 class LlipScorer:
     """Text-conditioned scores; needs the model's out_proj (passed as a scoring parameter)."""
 
-    def __init__(self, tau: float, chunk_size: int = 128, literal: bool = False):
+    def __init__(self, tau: float, chunk_size: int | None = None, literal: bool = False):
         self.tau, self.chunk_size, self.literal = tau, chunk_size, literal
 
     def __call__(self, image_features: dict, text_features: dict, out_proj: torch.Tensor) -> torch.Tensor:
@@ -289,7 +323,7 @@ LOSS_INITS = {
 
 
 def build_loss(loss_type: str, rank: int = 0, world_size: int = 1, tau: float = 5.0,
-               literal_scorer: bool = False, chunk_size: int = 128, group=None) -> nn.Module:
+               literal_scorer: bool = False, chunk_size: int | None = None, group=None) -> nn.Module:
     if loss_type == "clip":
         return InfoNCELoss(dot_scores, ("image_emb",), ("text_emb",), rank, world_size, group)
     if loss_type == "siglip":
@@ -311,10 +345,10 @@ def SigLipLoss(rank: int = 0, world_size: int = 1, group=None) -> SigmoidLoss:
 
 
 def LlipLoss(tau: float, rank: int = 0, world_size: int = 1, literal_scorer: bool = False,
-             chunk_size: int = 128, group=None) -> SigmoidLoss:
+             chunk_size: int | None = None, group=None) -> SigmoidLoss:
     return build_loss("llip", rank, world_size, tau, literal_scorer, chunk_size, group)
 
 
 def LlipInfoNCELoss(tau: float, rank: int = 0, world_size: int = 1, literal_scorer: bool = False,
-                    chunk_size: int = 128, group=None) -> InfoNCELoss:
+                    chunk_size: int | None = None, group=None) -> InfoNCELoss:
     return build_loss("llip_infonce", rank, world_size, tau, literal_scorer, chunk_size, group)

@@ -198,7 +198,7 @@ class LlipModel(nn.Module):
         return {"out_proj": self.out_proj} if self.pooling == "llip" else {}
 
     def pair_scores(self, img_feats: dict, txt_feats: dict, literal: bool = False,
-                    chunk_size: int = 128) -> torch.Tensor:
+                    chunk_size: int | None = None) -> torch.Tensor:
         """(B_img, B_txt) cosine similarities, for every pooling; evaluation never branches on type."""
         if self.pooling == "llip":
             from llip_core.losses import llip_pair_logits
