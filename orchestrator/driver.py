@@ -138,7 +138,11 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
             storage_path=storage_path(cfg),
             storage_filesystem=_storage_filesystem(cfg),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            # Keep the best M by training loss (always present at checkpoint steps); Ray also keeps
+            # the latest, which is what a relaunch or a restarted worker group resumes from.
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                               checkpoint_score_attribute="train/loss",
+                                               checkpoint_score_order="min"),
             # Train's INFO lines repeat every report's metrics; our rank-0 progress lines say enough.
             logging_config=LoggingConfig(log_level="WARNING"),
             callbacks=callbacks,
