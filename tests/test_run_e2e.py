@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, llip_cmd
+from conftest import ROOT, llip_cmd
 
 pytestmark = [pytest.mark.slow]
 
