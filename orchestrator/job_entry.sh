@@ -3,9 +3,9 @@
 #
 # A job's bare `python` is whatever the head's PATH says, often the system interpreter without our
 # dependencies. The interpreter that certainly has them is the one running this cluster's Ray
-# workers, i.e. the job supervisor that started this shell: walk up the process tree to the first
-# python process and use its argv[0] (its unresolved path, so a venv stays a venv).
-# $LLIP_PYTHON, when set, wins; `python3`/`python` are the last resort.
+# workers: the raylet, an ancestor of this shell, names it in its --python_worker_command argument
+# (unresolved, so a venv stays a venv; the workers' own command lines are overwritten with
+# "ray::..." titles). $LLIP_PYTHON, when set, wins; `python3`/`python` are the last resort.
 #
 # Usage: sh orchestrator/job_entry.sh run|sweep FILE.yaml [llip args...]
 set -e
@@ -19,10 +19,8 @@ if ! ok "$PY"; then
   while [ -z "$PY" ] && [ "${pid:-1}" -gt 1 ] && [ -r "/proc/$pid/status" ]; do
     pid=$(sed -n 's/^PPid:[[:space:]]*//p' "/proc/$pid/status")
     [ -r "/proc/$pid/cmdline" ] || break
-    exe=$(tr '\0' '\n' < "/proc/$pid/cmdline" | head -n 1)
-    case "$exe" in
-      *python*) ok "$exe" && PY="$exe" ;;
-    esac
+    cand=$(tr '\0' '\n' < "/proc/$pid/cmdline" | sed -n 's/^--python_worker_command=\([^ ]*\).*/\1/p' | head -n 1)
+    if [ -n "$cand" ] && ok "$cand"; then PY="$cand"; fi
   done
 fi
 for cand in python3 python; do

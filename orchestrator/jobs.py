@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENTRY = "orchestrator/job_entry.sh"
 # Never uploaded: big, local-only, or results (gitignore syntax, relative to the repo root).
 EXCLUDES = [".venv/", "data/", "runs/", "ray_results/", "mlruns/", "mlflow.db", ".git/", "**/__pycache__/",
-            "*.egg-info/", ".pytest_cache/", "build/"]
+            "*.egg-info/", ".pytest_cache/", "build/", ".cache/", ".config/", ".mypy_cache/", ".ruff_cache/"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
