@@ -188,7 +188,7 @@ def plot_comparison(c, cmp: Comparison, path: Path) -> None:
             steps, vals = zip(*pts)
             ax2.plot(steps, vals, label=label, linestyle="--" if r["status"] == "FAILED" else "-")
     ax2.set_xlabel("step")
-    ax2.set_title("train/loss")
+    ax2.set_title("train/loss" + (" (scales differ between loss types)" if "loss.type" in cmp.swept else ""))
     ax2.grid(alpha=0.3)
     if cmp.rows:
         ax2.legend(fontsize=7)
