@@ -116,6 +116,11 @@ def test_rayjob_manifest(rayjob):
     assert exp.is_file(), f"{argv[4]} is not in experiments/"
     cfg = load_config(exp)
     assert argv[3] != "sweep" or cfg.sweep is not None
+    # ...with its data and storage on S3, since pods share no local disk.
+    from orchestrator.driver import parse_overrides
+
+    cfg = cfg.with_overrides(parse_overrides([argv[i + 1] for i, a in enumerate(argv) if a == "--set"]))
+    assert all(v.startswith("s3://") for v in (cfg.data.train, cfg.data.eval, cfg.storage_path))
     yaml.safe_load(spec["runtimeEnvYAML"])
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
