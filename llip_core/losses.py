@@ -34,32 +34,56 @@ def llip_pair_logits_literal(keys, values, queries, text_emb, out_proj, tau):
     return torch.einsum("ijd,jd->ij", z, F.normalize(text_emb, dim=-1, eps=NORM_EPS))
 
 
-def _gram(v, c4):
-    """G_i[(h,k),(g,l)] = V_i[h,k] C_hg V_i[g,l]^T for a chunk: v (H, c, K, d) -> (c, HK, HK), symmetric."""
-    H, c, K, _ = v.shape
-    vc = torch.einsum("hikd,hdge->ihkge", v, c4)  # V_i[h,k] C_hg: O(K D^2) per image, not per pair
-    G = torch.einsum("ihkge,gile->ihkgl", vc, v).reshape(c, H * K, H * K)
-    return 0.5 * (G + G.transpose(1, 2))  # exactly symmetric, as the backward assumes
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """A chunk (c, H, K, d) -> (H, c, K, d) contiguous: one small copy per chunk."""
+    return x.transpose(0, 1).contiguous()
 
 
-def _chunk_forward(k, v, qt, pt, c4):
+def _gram(vh, c4):
+    """G_i[(h,k),(g,l)] = V_i[h,k] C_hg V_i[g,l]^T for a chunk: vh (H, c, K, d) -> (c, HK, HK), symmetric.
+
+    One column block g at a time, so nothing of size (c, HK, D) is alive (O(K D^2) work per image)."""
+    H, c, K, d = vh.shape
+    G = vh.new_empty(c, H, K, H, K)
+    flat = vh.view(H, c * K, d)
+    for g in range(H):
+        vcg = torch.bmm(flat, c4[:, :, g, :])  # V_i[h,k] C_hg, (H, cK, d)
+        vcg = vcg.view(H, c, K, d).transpose(0, 1).reshape(c, H * K, d)
+        G[:, :, :, g, :] = torch.bmm(vcg, vh[g].transpose(1, 2)).view(c, H, K, K)
+    G = G.view(c, H * K, H * K)
+    return (G + G.transpose(1, 2)).mul_(0.5)  # exactly symmetric, as the backward assumes
+
+
+def _gram_backward(dG, vh, c4, dvh, dc4):
+    """G = X C X^T (X block-diagonal V) -> dV += 2 dG X C, dC += X^T dG X; dG symmetric (c, HK, HK)."""
+    H, c, K, d = vh.shape
+    dG = dG.view(c, H * K, H, K)
+    flat = vh.view(H, c * K, d)
+    for g in range(H):
+        T = torch.bmm(dG[:, :, g, :], vh[g])  # sum_l dG[i,(h,k),(g,l)] V_i[g,l], (c, HK, d)
+        T = T.view(c, H, K, d).transpose(0, 1).reshape(H, c * K, d)
+        dvh.baddbmm_(T, c4[g].transpose(0, 1), alpha=2.0)  # T @ C_gh (block g, h of C)
+        dc4[:, :, g, :] += torch.bmm(flat.transpose(1, 2), T)
+
+
+def _chunk_forward(kh, vh, qt, pt, c4):
     """Terms of the score for a chunk of c images against all n texts.
 
     With u_ij = concat_h(a_ij V_i) (heads concatenated) and W = out_proj, z_ij = u_ij W, so
       <z_ij, t_j> = <u_ij, W t_j> = sum_{h,k} a_ij[h,k] <V_i[h,k], p_j[h]>,   p = t W^T (folded text side)
       ||z_ij||^2  = a_ij^T G_i a_ij,  G_i[(h,k),(g,l)] = V_i[h,k] C_hg V_i[g,l]^T,   C = W W^T,
     i.e. a Gram matrix per image in attention space (HK x HK); nothing of size D is built per pair.
-    Layout: k, v (H, c, K, d); qt = q^T / tau, pt = p^T (H, d, n); per-pair tensors (H, c, K, n), so
+    Layout: kh, vh (H, c, K, d); qt = q^T / tau, pt = p^T (H, d, n); per-pair tensors (H, c, K, n), so
     every product is one batched matmul over heads and no per-pair tensor is permuted except once for
     the Gram product. Returns A (H,c,K,n), M = <V, p>, Ac = A as (c, HK, n), AG = G Ac, num, nsq.
     """
-    H, c, K, d = k.shape
+    H, c, K, d = kh.shape
     n = qt.shape[-1]
-    A = torch.bmm(k.reshape(H, c * K, d), qt).view(H, c, K, n).softmax(2)  # softmax over K
-    M = torch.bmm(v.reshape(H, c * K, d), pt).view(H, c, K, n)
+    A = torch.bmm(kh.view(H, c * K, d), qt).view(H, c, K, n).softmax(2)  # softmax over K
+    M = torch.bmm(vh.view(H, c * K, d), pt).view(H, c, K, n)
     num = (A * M).sum((0, 2))  # (c, n)
     Ac = A.permute(1, 0, 2, 3).reshape(c, H * K, n)
-    AG = torch.bmm(_gram(v, c4), Ac)  # (c, HK, n)
+    AG = torch.bmm(_gram(vh, c4), Ac)  # (c, HK, n)
     nsq = (AG * Ac).sum(1)  # (c, n)
     return A, M, Ac, AG, num, nsq
 
@@ -67,38 +91,40 @@ def _chunk_forward(k, v, qt, pt, c4):
 class _LlipScores(torch.autograd.Function):
     """Chunked over images; backward recomputes each chunk's per-pair terms instead of storing them.
 
-    Inputs in head-major layouts: kk, vv (H, B_img, K, d); qt = (queries / tau)^T and pt = p^T
-    (H, d, B_txt); c4 = W W^T as (H, d, H, d)."""
+    keys, values (B_img, H, K, d) as given; qt = (queries / tau)^T and pt = p^T (H, d, B_txt);
+    c4 = W W^T as (H, d, H, d)."""
 
     @staticmethod
-    def forward(ctx, kk, vv, qt, pt, c4, chunk_size):
+    def forward(ctx, keys, values, qt, pt, c4, chunk_size):
         ctx.chunk = chunk_size
-        B = kk.shape[1]
-        out = kk.new_empty(B, qt.shape[-1])
+        B = keys.shape[0]
+        out = keys.new_empty(B, qt.shape[-1])
         for s in range(0, B, chunk_size):
-            *_, num, nsq = _chunk_forward(kk[:, s:s + chunk_size], vv[:, s:s + chunk_size], qt, pt, c4)
+            kh, vh = _heads_first(keys[s:s + chunk_size]), _heads_first(values[s:s + chunk_size])
+            *_, num, nsq = _chunk_forward(kh, vh, qt, pt, c4)
             out[s:s + chunk_size] = num / nsq.clamp_min(NORM_EPS ** 2).sqrt()
-        ctx.save_for_backward(kk, vv, qt, pt, c4)
+        ctx.save_for_backward(keys, values, qt, pt, c4)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        kk, vv, qt, pt, c4 = ctx.saved_tensors
+        keys, values, qt, pt, c4 = ctx.saved_tensors
         chunk = ctx.chunk
-        H, B, K, d = kk.shape
-        with torch.autocast(device_type=kk.device.type, enabled=False):
-            dkk, dvv = torch.empty_like(kk), torch.empty_like(vv)
+        B, H, K, d = keys.shape
+        with torch.autocast(device_type=keys.device.type, enabled=False):
+            dkeys, dvalues = torch.empty_like(keys), torch.empty_like(values)
             dqt, dpt, dc4 = torch.zeros_like(qt), torch.zeros_like(pt), torch.zeros_like(c4)
             for s in range(0, B, chunk):
-                k, v, g = kk[:, s:s + chunk], vv[:, s:s + chunk], grad_out[s:s + chunk]
-                c = k.shape[1]
-                A, M, Ac, AG, num, nsq = _chunk_forward(k, v, qt, pt, c4)
+                kh, vh = _heads_first(keys[s:s + chunk]), _heads_first(values[s:s + chunk])
+                g = grad_out[s:s + chunk]
+                c = kh.shape[1]
+                A, M, Ac, AG, num, nsq = _chunk_forward(kh, vh, qt, pt, c4)
                 live = nsq > NORM_EPS ** 2  # below eps the norm is clamped: no gradient through it
                 nrm = nsq.clamp_min(NORM_EPS ** 2).sqrt()
                 d_num = g / nrm
                 d_nsq = torch.where(live, -0.5 * g * num / (nrm * nrm * nrm), torch.zeros_like(nrm))
                 # dG_i = sum_j d_nsq_ij a_ij a_ij^T, then Ac is no longer needed
-                dG = torch.bmm(Ac * d_nsq[:, None, :], Ac.transpose(1, 2)).view(c, H, K, H, K)
+                dG = torch.bmm(Ac * d_nsq[:, None, :], Ac.transpose(1, 2))
                 del Ac
                 # d score / d a = d_num M + 2 d_nsq G a   (G symmetric: reuses the forward product AG)
                 dA = M.mul_(d_num[None, :, None, :])
@@ -106,22 +132,23 @@ class _LlipScores(torch.autograd.Function):
                 del AG
                 dS = dA.sub_((dA * A).sum(2, keepdim=True)).mul_(A).view(H, c * K, -1)  # softmax backward
                 dM = A.mul_(d_num[None, :, None, :]).view(H, c * K, -1)
-                dkk[:, s:s + chunk] = torch.bmm(dS, qt.transpose(1, 2)).view(H, c, K, d)
-                dqt += torch.bmm(k.reshape(H, c * K, d).transpose(1, 2), dS)
-                dpt += torch.bmm(v.reshape(H, c * K, d).transpose(1, 2), dM)
+                dkh = torch.bmm(dS, qt.transpose(1, 2))  # (H, cK, d)
+                dqt += torch.bmm(kh.view(H, c * K, d).transpose(1, 2), dS)
                 del dS
-                # through the Gram matrix: G = X C X^T (X block-diagonal V) -> dV = 2 dG X C, dC = X^T dG X
-                T = torch.einsum("ihkgl,gile->ihkge", dG, v)
-                dvv[:, s:s + chunk] = (torch.bmm(dM, pt.transpose(1, 2)).view(H, c, K, d)
-                                       + 2 * torch.einsum("ihkge,gehf->hikf", T, c4))
-                dc4 += torch.einsum("hikd,ihkge->hdge", v, T)
-        return dkk, dvv, dqt, dpt, dc4, None
+                dpt += torch.bmm(vh.view(H, c * K, d).transpose(1, 2), dM)
+                dvh = torch.bmm(dM, pt.transpose(1, 2))  # (H, cK, d)
+                del dM, A
+                _gram_backward(dG, vh, c4, dvh, dc4)
+                dkeys[s:s + chunk] = dkh.view(H, c, K, d).transpose(0, 1)
+                dvalues[s:s + chunk] = dvh.view(H, c, K, d).transpose(0, 1)
+        return dkeys, dvalues, dqt, dpt, dc4, None
 
 
 # Auto chunking: per-pair chunk tensors of at most this many elements. On CPU, 4M fp32 = 16 MB stays
 # under glibc's 32 MB mmap threshold, so chunk buffers are reused from the heap instead of being
-# mmapped and page-faulted afresh each time (measured here: 128-image chunks at B=512 ran ~3x slower
-# than 32-image ones). CUDA's caching allocator has no such cost, so it gets bigger chunks.
+# mmapped and page-faulted afresh each time (benchmarks/llip_scoring.py here, B=512: fwd+bwd 3.1 s with
+# the auto 32-image chunks, 5.3 s with 128-image ones). CUDA's caching allocator has no such cost, so
+# it gets bigger chunks.
 PAIR_BUDGET = {"cpu": 1 << 22, "default": 1 << 26}
 
 
@@ -151,13 +178,12 @@ def llip_pair_logits(keys, values, queries, text_emb, out_proj, tau, chunk_size:
         W = out_proj.to(dt)
         H, d = queries.shape[1], queries.shape[2]
         t = F.normalize(text_emb.to(dt), dim=-1, eps=NORM_EPS)
-        head_major = lambda x: x.to(dt).transpose(0, 1).contiguous()  # (B, H, ...) -> (H, B, ...)
         qt = (queries.to(dt) / tau).permute(1, 2, 0).contiguous()  # (H, d, B_txt)
         pt = (t @ W.T).view(-1, H, d).permute(1, 2, 0).contiguous()
         c4 = (W @ W.T).view(H, d, H, d)
         chunk = auto_chunk_size(queries.shape[0], H, keys.shape[2], keys.device) if chunk_size is None \
             else max(1, int(chunk_size))
-        return _LlipScores.apply(head_major(keys), head_major(values), qt, pt, c4.contiguous(),
+        return _LlipScores.apply(keys.to(dt).contiguous(), values.to(dt).contiguous(), qt, pt, c4.contiguous(),
                                  chunk)
 
 

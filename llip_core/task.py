@@ -42,7 +42,7 @@ class Task(nn.Module):
 
 
 def build_task(model_cfg: ModelConfig, loss_type: str, rank: int = 0, world_size: int = 1,
-               literal_scorer: bool = False, chunk_size: int | None = 128, group=None) -> Task:
+               literal_scorer: bool = False, chunk_size: int | None = None, group=None) -> Task:
     """chunk_size: images per chunk of the Llip scorer; None sizes chunks from a memory budget
     (losses.PAIR_BUDGET), the better choice on CPU."""
     if loss_type not in LOSS_TYPES:

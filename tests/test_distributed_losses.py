@@ -57,6 +57,7 @@ def _run_loss(loss_type, img, txt, params, rank, world_size):
 
 def _init(rank, world_size, init_file):
     torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no lookup of the host's interfaces
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
 
 
