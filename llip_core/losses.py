@@ -152,9 +152,17 @@ class _LlipScores(torch.autograd.Function):
 PAIR_BUDGET = {"cpu": 1 << 22, "default": 1 << 26}
 
 
-def auto_chunk_size(n_txt: int, heads: int, tokens: int, device: torch.device) -> int:
+def auto_chunk_size(n_txt: int, per_pair: int, device: torch.device) -> int:
+    """Images per chunk so that a (chunk, n_txt, per_pair) tensor fits PAIR_BUDGET elements."""
     budget = PAIR_BUDGET.get(device.type, PAIR_BUDGET["default"])
-    return max(1, budget // max(1, n_txt * heads * tokens))
+    return max(1, budget // max(1, n_txt * per_pair))
+
+
+def _direct_chunk(keys, values, queries, t, W, tau):
+    """The literal formulation for one chunk of images (t already normalised)."""
+    attn = (torch.einsum("ihkd,jhd->ijhk", keys, queries) / tau).softmax(-1)
+    z = torch.einsum("ijhk,ihkd->ijhd", attn, values).flatten(2) @ W
+    return torch.einsum("ijd,jd->ij", z, t) / z.norm(dim=-1).clamp_min(NORM_EPS)
 
 
 def llip_pair_logits(keys, values, queries, text_emb, out_proj, tau, chunk_size: int | None = None,
@@ -164,27 +172,39 @@ def llip_pair_logits(keys, values, queries, text_emb, out_proj, tau, chunk_size:
     keys, values: (B_img, H, K, D/H); queries: (B_txt, H, D/H); text_emb: (B_txt, D); out_proj: (D, D).
     Returns (B_img, B_txt). `z_ij = concat_h(softmax_K(<K_i, Q_j>/tau) V_i) @ out_proj`, normalised.
 
-    Efficient path (default): out_proj is folded into the text side (p_j = W t_j) and into a per-image
-    Gram matrix in attention space for the norm, so per pair the cost is O(HK d + (HK)^2) instead of
-    O(KD + D^2) and no (B_img, B_txt, D) tensor exists; images are processed `chunk_size` at a time and
-    the backward recomputes each chunk (memory O(chunk_size * B_txt * H * K); chunk_size=None picks it
-    from PAIR_BUDGET). Runs in at least float32
-    even under autocast (norms via a Gram matrix need the precision).
+    Efficient path (default), images `chunk_size` at a time (None: from PAIR_BUDGET), the backward
+    recomputing each chunk, so no (B_img, B_txt, D) tensor exists and memory is O(chunk * B_txt *
+    max(HK, D)). Per pair, the literal formulation costs O(KD + D^2). When H*K <= D (every released
+    config: B/16 has HK = 256, D = 512) out_proj is folded into the text side (p_j = W t_j) and into a
+    per-image Gram matrix in attention space for the norm, O(KD + (HK)^2) per pair. When H*K > D (large-K
+    ablations) that Gram matrix would cost more than out_proj itself, so each chunk runs the literal
+    formulation under activation checkpointing: same cost as literal, memory bounded by the chunk.
+    Runs in at least float32 even under autocast (norms via a Gram matrix need the precision).
     """
     if literal:
         return llip_pair_logits_literal(keys, values, queries, text_emb, out_proj, tau)
     dt = torch.promote_types(keys.dtype, torch.float32)  # bf16/fp16 -> fp32, fp64 stays
+    B, H, K, d = keys.shape
+    D = H * d
+    gram = H * K <= D
+    chunk = auto_chunk_size(queries.shape[0], H * K if gram else D, keys.device) if chunk_size is None \
+        else max(1, int(chunk_size))
     with torch.autocast(device_type=keys.device.type, enabled=False):
         W = out_proj.to(dt)
-        H, d = queries.shape[1], queries.shape[2]
         t = F.normalize(text_emb.to(dt), dim=-1, eps=NORM_EPS)
-        qt = (queries.to(dt) / tau).permute(1, 2, 0).contiguous()  # (H, d, B_txt)
+        keys, values, queries = keys.to(dt).contiguous(), values.to(dt).contiguous(), queries.to(dt)
+        if not gram:
+            from torch.utils.checkpoint import checkpoint
+
+            return torch.cat([
+                checkpoint(_direct_chunk, keys[s:s + chunk], values[s:s + chunk], queries, t, W, tau,
+                           use_reentrant=False)
+                for s in range(0, B, chunk)
+            ])
+        qt = (queries / tau).permute(1, 2, 0).contiguous()  # (H, d, B_txt)
         pt = (t @ W.T).view(-1, H, d).permute(1, 2, 0).contiguous()
-        c4 = (W @ W.T).view(H, d, H, d)
-        chunk = auto_chunk_size(queries.shape[0], H, keys.shape[2], keys.device) if chunk_size is None \
-            else max(1, int(chunk_size))
-        return _LlipScores.apply(keys.to(dt).contiguous(), values.to(dt).contiguous(), qt, pt, c4.contiguous(),
-                                 chunk)
+        c4 = (W @ W.T).view(H, d, H, d).contiguous()
+        return _LlipScores.apply(keys, values, qt, pt, c4, chunk)
 
 
 # ============================================================================ scorers
