@@ -219,8 +219,10 @@ def run_sweep(cfg: ExperimentConfig, max_concurrent_trials: Optional[int] = None
             from ray.tune.schedulers import ASHAScheduler
 
             every = cfg.train.eval_every if sw.metric.startswith("eval/") else cfg.train.log_every
+            # stop_last_trials=False: a trial that survives every rung ends by itself, so its run
+            # is closed FINISHED by run_experiment instead of being cut off at its final report.
             scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.steps, grace_period=sw.scheduler.grace_period * every,
-                                      reduction_factor=sw.scheduler.reduction_factor)
+                                      reduction_factor=sw.scheduler.reduction_factor, stop_last_trials=False)
         tracker = _trial_tracker()
         tuner = tune.Tuner(
             # The trial actor only waits on its TorchTrainer, whose workers hold the real resources.
@@ -337,11 +339,26 @@ def _reconcile(c, parent_id: str, tracker, interrupted: bool = False) -> dict[st
                 c.set_tag(rid, "llip.error", error)
                 c.set_terminated(rid, "FAILED")
             counts["failed"] += 1
+        elif mstatus == "FAILED" and status == "TERMINATED" and not interrupted:
+            # Tune stopped it (ASHA) and tearing its actor down broke the fit it was waiting on;
+            # Tune itself saw no error, so this is an early stop, not a crash.
+            last = max((m.step for m in c.get_metric_history(rid, "train/loss")), default=0)
+            c.set_tag(rid, "llip.stopped", f"stopped early by the ASHA scheduler at step {last}")
+            c.set_tag(rid, "llip.stop_teardown", run.data.tags.get("llip.error", "")[:5000])
+            c.delete_tag(rid, "llip.error")
+            c.update_run(rid, status="KILLED")
+            counts["finished"] += 1
         elif mstatus == "RUNNING":
-            # Tune ended it without a crash: ASHA stopped it, or the sweep was interrupted.
-            why = "interrupted with the sweep" if interrupted else "stopped early by the ASHA scheduler"
-            c.set_tag(rid, "llip.stopped", why)
-            c.set_terminated(rid, "KILLED")
+            # Tune ended it without a crash: ASHA stopped it, or the sweep was interrupted. A trial
+            # that had logged its final step only missed its closing bookkeeping.
+            last = max((m.step for m in c.get_metric_history(rid, "train/loss")), default=0)
+            if not interrupted and last >= int(run.data.params.get("train.steps", 0) or 0) > 0:
+                c.set_tag(rid, "llip.stopped", "ended by Tune right after its final step")
+                c.set_terminated(rid, "FINISHED")
+            else:
+                why = "interrupted with the sweep" if interrupted else f"stopped early by the ASHA scheduler at step {last}"
+                c.set_tag(rid, "llip.stopped", why)
+                c.set_terminated(rid, "KILLED")
             counts["finished" if not interrupted else "failed"] += 1
         elif mstatus == "FINISHED":
             counts["finished"] += 1

@@ -161,15 +161,23 @@ def test_reconcile_makes_mlflow_agree_with_tune(tmp_path):
             c.set_terminated(rid, status)
         return rid
 
-    done, stopped, crashed = child("t0", "FINISHED"), child("t1"), child("t2", "FAILED")
+    done, stopped, crashed, ended = child("t0", "FINISHED"), child("t1"), child("t2", "FAILED"), child("t4")
+    c.log_param(ended, "train.steps", "10")  # t4 logged its final step; Tune ended it before it closed its run
+    c.log_metric(ended, "train/loss", 1.0, step=10)
+    torn = child("t5", "FAILED")  # ASHA stopped t5; its actor's teardown broke the fit it waited on
+    c.set_tag(torn, "llip.error", "ActorDiedError: placement group was removed")
     trial = lambda tid, status, err=None, ov=None: SimpleNamespace(  # noqa: E731
         trial_id=tid, status=status, config={"overrides": ov or {}},
         get_pickled_error=lambda: RuntimeError(err) if err else None, get_error=lambda: None)
     tracker = SimpleNamespace(trials={
         "t0": trial("t0", "TERMINATED"), "t1": trial("t1", "TERMINATED"), "t2": trial("t2", "ERROR", "boom"),
-        "t3": trial("t3", "ERROR", "bad override", {"model.tau": -1})})
+        "t3": trial("t3", "ERROR", "bad override", {"model.tau": -1}), "t4": trial("t4", "TERMINATED"),
+        "t5": trial("t5", "TERMINATED")})
     counts = _reconcile(c, parent, tracker)
-    assert counts == {"total": 4, "finished": 2, "failed": 2}
+    assert counts == {"total": 6, "finished": 4, "failed": 2}
+    t5 = c.get_run(torn)
+    assert t5.info.status == "KILLED" and "llip.error" not in t5.data.tags and "ASHA" in t5.data.tags["llip.stopped"]
+    assert c.get_run(ended).info.status == "FINISHED"
     assert c.get_run(done).info.status == "FINISHED"
     s = c.get_run(stopped)
     assert s.info.status == "KILLED" and "ASHA" in s.data.tags["llip.stopped"]
