@@ -101,7 +101,8 @@ TRIAL_ACTOR_CPU = 0.001
 
 
 def trial_data_cpus(cfg: ExperimentConfig) -> float:
-    """Each trial's Ray Data pipeline is capped at its decode tasks plus one read task's worth."""
+    """Each trial's Ray Data pipeline (fused read+decode tasks, `decode_concurrency` of them at
+    `decode_cpus` each) is capped at that plus one task's worth of headroom."""
     return (cfg.data.decode_concurrency + 1) * cfg.data.decode_cpus
 
 
