@@ -21,7 +21,8 @@ CRASH_BATCH = 100000  # more than the training split holds: the worker raises "n
 
 def write_sweep(tmp_path, shards, extra_params="", extra_sweep="") -> Path:
     # The demo sweep itself, shrunk: K fixed, loss type drawn per trial, and a grid over the batch
-    # size whose last value crashes inside the Ray Train worker. 3 trials, 1 worker (0.5 CPU) each.
+    # size whose first value crashes inside the Ray Train worker (first, so it overlaps a good trial
+    # instead of running alone at the end). 3 trials, 1 worker (0.5 CPU) each.
     p = tmp_path / "sweep_test.yaml"
     p.write_text(f"""
 base: {DEMO}
@@ -33,7 +34,7 @@ sweep:
 {extra_sweep}  params:
 {extra_params}    model.mixture_tokens: {{grid: [4]}}
     loss.type: {{grid: null, choice: [llip, llip_infonce]}}
-    data.batch_size: {{grid: [32, 48, {CRASH_BATCH}]}}
+    data.batch_size: {{grid: [{CRASH_BATCH}, 32, 48]}}
 """)
     return p
 
