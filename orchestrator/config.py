@@ -225,11 +225,16 @@ def _set_dotted(d: dict, path: str, value: Any) -> None:
     d[keys[-1]] = value
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+# Mappings whose entries replace inherited ones whole: a search space changed from grid to choice
+# must not keep the base's grid beside it.
+_REPLACE_ENTRIES = {("sweep", "params")}
+
+
+def _deep_merge(base: dict, over: dict, path: tuple = ()) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and path not in _REPLACE_ENTRIES:
+            out[k] = _deep_merge(out[k], v, path + (k,))
         else:
             out[k] = copy.deepcopy(v)
     return out

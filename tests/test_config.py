@@ -41,6 +41,14 @@ def test_inheritance_merges_sections_key_by_key(tmp_path):
     assert cfg.resolved_model().tau == 3.0
 
 
+def test_inherited_search_space_is_replaced_not_merged(tmp_path):
+    write(tmp_path, "base.yaml", "name: b\nsweep: {params: {model.tau: {grid: [1, 5]}, seed: {grid: [0, 1]}}}\n")
+    child = write(tmp_path, "child.yaml", "base: base.yaml\nname: c\nsweep: {params: {model.tau: {choice: [3]}}}\n")
+    params = load_config(child).sweep.params
+    assert params["model.tau"].choice == [3] and params["model.tau"].grid is None
+    assert params["seed"].grid == [0, 1]
+
+
 @pytest.mark.parametrize("text, path_in_msg", [
     ("name: x\ntrain: {stepz: 3}\n", "train.stepz"),
     ("name: x\ndata: {s3: {endpoint: http://x}}\n", "data.s3.endpoint"),
