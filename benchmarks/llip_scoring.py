@@ -1,7 +1,8 @@
 """Llip pair scoring: the literal formulation vs llip_core's memory-efficient scorer.
 
-For B = 256 and 512 (B images x B texts), D = 512, K = 32, H = 8, tau = 5, float32 on CPU: one
-forward + backward of `llip_pair_logits` (gradients for keys, values, queries, text_emb, out_proj).
+For B = 256 and 512 (B images x B texts), D = 512, K = 32, H = 8, tau = 5, float32 on CPU (one
+thread by default, see --threads): one forward + backward of `llip_pair_logits` (gradients for keys,
+values, queries, text_emb, out_proj).
 
 How it measures
 - Every measurement runs in a fresh subprocess, so one variant's allocations cannot hide another's
@@ -106,8 +107,11 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=None)
     ap.add_argument("--chunks", type=int, nargs="*", default=[], help="extra fixed chunk sizes for 'ours'")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2, help="extra timed calls per subprocess")
+    # One intra-op thread by default: on this shared 2-core machine, 2 OpenMP threads made single
+    # timings swing 3-10x (a descheduled thread stalls the other at every barrier); 1 thread repeats
+    # within ~10%. Both variants always run with the same setting.
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1, help="extra timed calls per subprocess")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.B[0], args.worker, args.chunk, args.threads, args.repeats)))
