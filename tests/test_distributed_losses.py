@@ -6,6 +6,7 @@ contract is: mean over ranks of the local "loss" == single-process loss on the c
 back-propagate into the shared model) the rank's own slice gets its gradient, scaled the same way.
 """
 import math
+import multiprocessing
 import os
 
 import pytest
@@ -75,8 +76,13 @@ def _feature_worker(rank, world_size, init_file, out_dir):
 
 
 def _spawn(fn, world_size, tmp_path, *args):
+    # forkserver with torch preloaded: ranks start by fork from a clean server (no OpenMP or autograd
+    # threads to inherit) instead of each re-importing torch (and DDP its lazy torch._dynamo import),
+    # which takes ~10 s on a loaded 2-core box
+    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "llip_core.task"])
     init_file = tmp_path / "init"
-    mp.spawn(fn, args=(world_size, str(init_file), str(tmp_path), *args), nprocs=world_size, join=True)
+    mp.start_processes(fn, args=(world_size, str(init_file), str(tmp_path), *args), nprocs=world_size,
+                       join=True, start_method="forkserver")
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
 
 
