@@ -62,7 +62,7 @@ class LossSection(_Strict):
     type: Literal["clip", "siglip", "llip", "llip_infonce"] = "llip"
     # The literal O(B^2 D) Llip scorer instead of the memory-efficient one (for checking only).
     literal_scorer: bool = False
-    chunk_size: int = Field(128, ge=1)  # images per chunk in the efficient Llip scorer
+    chunk_size: Optional[int] = Field(None, ge=1)  # images per chunk in the efficient Llip scorer; None: sized automatically
 
 
 class S3Section(_Strict):
