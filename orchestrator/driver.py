@@ -168,6 +168,7 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
     if ckpt:
         c.set_tag(run_id, "llip.checkpoint", ckpt)
     _log_curves(c, run_id)
+    _log_final_table(c, run_id, dict(result.metrics or {}))
     c.set_terminated(run_id, status="FINISHED")
     return RunResult(run_id=run_id, run_name=run_name, tracking_uri=uri, metrics=dict(result.metrics or {}),
                      checkpoint=ckpt)
@@ -203,6 +204,14 @@ def _one_line(e: BaseException) -> str:
     text = str(seen).strip().splitlines()
     last = next((line for line in reversed(text) if line.strip()), "") if text else ""
     return f"{type(seen).__name__}: {last}" if last else type(seen).__name__
+
+
+def _log_final_table(c, run_id: str, metrics: dict[str, Any]) -> None:
+    """The final training and evaluation figures as eval/final.json and a Markdown table."""
+    final = {k: v for k, v in sorted(metrics.items()) if isinstance(v, (int, float))}
+    c.log_dict(run_id, final, "eval/final.json")
+    rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in final.items())
+    c.log_text(run_id, f"| metric | value |\n|---|---|\n{rows}\n", "eval/final.md")
 
 
 def _log_curves(c, run_id: str) -> None:

@@ -44,8 +44,11 @@ def test_smoke_run_trains_logs_and_checkpoints(emoji_shards, cli_env, tmp_path):
         assert c.get_metric_history(run.info.run_id, key), key
     assert c.get_metric_history(run.info.run_id, "data/skipped")[-1].value == 0
     arts = {a.path for a in c.list_artifacts(run.info.run_id)} | {
-        a.path for d in ("config", "plots") for a in c.list_artifacts(run.info.run_id, d)}
-    assert "config/experiment.yaml" in arts and "plots/curves.png" in arts
+        a.path for d in ("config", "plots", "eval") for a in c.list_artifacts(run.info.run_id, d)}
+    assert {"config/experiment.yaml", "plots/curves.png", "eval/final.json", "eval/final.md"} <= arts
+    final = c.download_artifacts(run.info.run_id, "eval/final.json", str(tmp_path))
+    import json
+    assert json.load(open(final))["step"] == 30
     ckpt = Path(run.data.tags["llip.checkpoint"])
     assert ckpt.is_dir() and (ckpt / "state.pt").is_file()
     assert str(ckpt).startswith(str(tmp_path / "runs"))
