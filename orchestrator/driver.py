@@ -130,6 +130,8 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
             "mlflow_run_id": run_id,
             "tracking_uri": uri,
             "data_stats": stats,
+            # Ray 2.60 deprecates TorchTrainer(resume_from_checkpoint=...): the loop falls back to this.
+            "fallback_checkpoint": latest_checkpoint_on_disk(cfg, run_name) if resumed else None,
         },
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
@@ -183,6 +185,31 @@ def _capped_data_config(cpus: float):
     opts = DataConfig.default_ingest_options()
     opts.resource_limits = ExecutionResources(cpu=cpus)
     return DataConfig(datasets_to_split=list(DATASETS_TO_SPLIT), execution_options=opts)
+
+
+def latest_checkpoint_on_disk(cfg: ExperimentConfig, run_name: str):
+    """The newest complete checkpoint directory that a killed run left in its storage path.
+
+    Ray resumes a relaunched run from its controller's checkpoint snapshot, which lags the files
+    when the driver dies right after a report (seen under load: a relaunch restarted at step 0).
+    Ray still prefers its own newer checkpoints; this is the floor. Names sort by time."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    from orchestrator.train import CKPT_FILE
+
+    fs = _storage_filesystem(cfg) or pafs.LocalFileSystem()
+    root = storage_path(cfg)
+    root = (root[len("s3://"):] if root.startswith("s3://") else root).rstrip("/") + "/" + run_name
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return None
+    dirs = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    for d in reversed(dirs):
+        if fs.get_file_info(f"{d}/{CKPT_FILE}").type == pafs.FileType.File:
+            return Checkpoint(d, filesystem=fs)
+    return None
 
 
 def _storage_filesystem(cfg: ExperimentConfig):

@@ -26,10 +26,11 @@ def _save_checkpoint(state: dict[str, Any]):
     return ray.train.Checkpoint.from_directory(d)
 
 
-def _load_checkpoint() -> dict[str, Any] | None:
+def _load_checkpoint(fallback=None) -> dict[str, Any] | None:
+    """Ray's latest checkpoint of this run, else the driver's `fallback` (see driver.latest_checkpoint_on_disk)."""
     import ray.train
 
-    ckpt = ray.train.get_checkpoint()
+    ckpt = ray.train.get_checkpoint() or fallback
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
@@ -98,7 +99,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = build_optimizer(core, cfg.train.lr, cfg.train.betas, cfg.train.eps, cfg.train.weight_decay)
 
     step, epoch = 0, 0
-    state = _load_checkpoint()
+    state = _load_checkpoint(config.get("fallback_checkpoint"))
     if state is not None:
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
