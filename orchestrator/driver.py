@@ -130,8 +130,6 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
             "mlflow_run_id": run_id,
             "tracking_uri": uri,
             "data_stats": stats,
-            # Ray 2.60 deprecates TorchTrainer(resume_from_checkpoint=...): the loop falls back to this.
-            "fallback_checkpoint": latest_checkpoint_on_disk(cfg, run_name) if resumed else None,
         },
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
@@ -188,11 +186,8 @@ def _capped_data_config(cpus: float):
 
 
 def latest_checkpoint_on_disk(cfg: ExperimentConfig, run_name: str):
-    """The newest complete checkpoint directory that a killed run left in its storage path.
-
-    Ray resumes a relaunched run from its controller's checkpoint snapshot, which lags the files
-    when the driver dies right after a report (seen under load: a relaunch restarted at step 0).
-    Ray still prefers its own newer checkpoints; this is the floor. Names sort by time."""
+    """The newest checkpoint directory holding a state file in the run's storage path (names sort
+    by time), or None. The worker loop compares it with Ray's registered checkpoint."""
     import pyarrow.fs as pafs
     from ray.train import Checkpoint
 

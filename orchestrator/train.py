@@ -26,15 +26,27 @@ def _save_checkpoint(state: dict[str, Any]):
     return ray.train.Checkpoint.from_directory(d)
 
 
-def _load_checkpoint(fallback=None) -> dict[str, Any] | None:
-    """Ray's latest checkpoint of this run, else the driver's `fallback` (see driver.latest_checkpoint_on_disk)."""
+def _load_checkpoint(cfg) -> dict[str, Any] | None:
+    """The newest state of this run: Ray's registered checkpoint or a newer one on disk.
+
+    Ray's controller registers a checkpoint some time after the report that wrote it; a worker or
+    driver killed in between made restarts and relaunches start again at step 0 (seen under load).
+    The files are there, so take whichever of the two holds the later step."""
     import ray.train
 
-    ckpt = ray.train.get_checkpoint() or fallback
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as d:
-        return torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=False)
+    from orchestrator.driver import latest_checkpoint_on_disk
+
+    states = []
+    for ckpt in (ray.train.get_checkpoint(),
+                 latest_checkpoint_on_disk(cfg, ray.train.get_context().get_experiment_name())):
+        if ckpt is None:
+            continue
+        try:
+            with ckpt.as_directory() as d:
+                states.append(torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=False))
+        except Exception as e:  # a checkpoint cut short by the kill: use the other one
+            say(f"[llip] skipping unreadable checkpoint {ckpt.path}: {type(e).__name__}")
+    return max(states, key=lambda st: st["step"], default=None)
 
 
 def say(msg: str) -> None:
@@ -99,7 +111,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = build_optimizer(core, cfg.train.lr, cfg.train.betas, cfg.train.eps, cfg.train.weight_decay)
 
     step, epoch = 0, 0
-    state = _load_checkpoint(config.get("fallback_checkpoint"))
+    state = _load_checkpoint(cfg)
     if state is not None:
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
