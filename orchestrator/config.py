@@ -7,6 +7,7 @@ and scalars replace.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -186,7 +187,7 @@ class ExperimentConfig(_Strict):
     def flat(self) -> dict[str, Any]:
         """Every resolved value as dotted keys (model values resolved through the named size)."""
         d = self.model_dump(mode="json", exclude={"sweep"})
-        d["model"] = {"size": self.model.size, **_dataclass_dict(self.resolved_model())}
+        d["model"] = {"size": self.model.size, **dataclasses.asdict(self.resolved_model())}
         out: dict[str, Any] = {}
         _flatten(d, "", out)
         return out
@@ -200,12 +201,6 @@ class ExperimentConfig(_Strict):
         for path, value in overrides.items():
             _set_dotted(raw, path, value)
         return parse_config(raw, source=f"{self.name} + overrides")
-
-
-def _dataclass_dict(dc) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(dc)
 
 
 def _flatten(d: Any, prefix: str, out: dict) -> None:
