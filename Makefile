@@ -3,22 +3,38 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Real data that ships in Debian packages (no downloads at run time): Fashion-MNIST for zero-shot
+# classification, WordNet for MetaCLIP metadata, emoji-test.txt for emoji groups/subgroups.
+DEBS := dataset-fashion-mnist wordnet-base unicode-data
+DEB_FILES := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz /usr/share/wordnet/index.noun /usr/share/unicode/emoji/emoji-test.txt
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# CLIP's BPE vocabulary lies in the open_clip_torch wheel; its torchvision/timm dependencies do not
+# import beside the CPU torch wheel, and we only read the vocabulary file, so install it alone.
+OPEN_CLIP := open_clip_torch==3.3.0
 
-.PHONY: demo test bench clean-data
+.PHONY: demo test bench clean-data sysdeps
+
+sysdeps:
+	@for f in $(DEB_FILES); do [ -e $$f ] || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian data packages: $(DEBS)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(DEBS) >/dev/null; \
+	fi
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(OPEN_CLIP)
 	touch $(STAMP)
 
 data/emoji/manifest.json: $(STAMP)
 	$(BIN)/llip shards emoji --out data/emoji
 
-demo: $(STAMP) data/emoji/manifest.json
+demo: sysdeps $(STAMP) data/emoji/manifest.json
 	$(BIN)/llip run experiments/demo.yaml
 
-test: $(STAMP)
+test: sysdeps $(STAMP)
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
