@@ -19,8 +19,19 @@ COMMANDS = {
 }
 
 
+class _VersionAction(argparse.Action):
+    # Computed only when asked: the commit lookup runs git.
+    def __call__(self, parser, namespace, values, option_string=None):
+        from orchestrator.tracking import git_commit, package_version
+
+        commit = git_commit()
+        print(f"llip-orch {package_version()}" + (f" (commit {commit})" if commit != "unknown" else ""))
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llip", description="Llip / CLIP / SigLIP experiments on Ray, tracked in MLflow")
+    parser.add_argument("--version", action=_VersionAction, nargs=0, help="print the version and git commit, then exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)

@@ -53,6 +53,24 @@ def cli(args) -> int:
     return 0
 
 
+def preflight(cfg: ExperimentConfig) -> None:
+    """Every check that needs no cluster, before Ray starts (starting Ray costs ~10 s here, and a
+    typo in a path should not): shard locations (local, or S3 reachability and listing) and the
+    MLflow tracking store."""
+    from orchestrator import tracking
+    from orchestrator.data import resolve_shards
+
+    d = cfg.data
+    for name, loc in (("train", d.train), ("eval", d.eval)):
+        if loc:
+            resolve_shards(loc, d.s3, f"data.{name}")
+    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    try:
+        tracking.experiment_id(tracking.client(uri), cfg.mlflow.experiment or cfg.name)
+    except Exception as e:
+        raise UserError(f"MLflow tracking store {uri} is not usable ({type(e).__name__}); check MLFLOW_TRACKING_URI") from None
+
+
 def init_ray() -> None:
     """Connect to $RAY_ADDRESS or a cluster started on this machine, else start a local one."""
     import ray
@@ -87,7 +105,7 @@ def start_mlflow_run(cfg: ExperimentConfig, run_name: Optional[str], parent_run_
         run_id = existing.info.run_id
         c.update_run(run_id, status="RUNNING")
         return c, uri, run_id, run_name, True
-    all_tags = {"llip.git_commit": tracking.git_commit(), "llip.config_fingerprint": cfg.fingerprint(),
+    all_tags = {"llip.git_commit": tracking.git_commit(), "llip.version": tracking.package_version(), "llip.config_fingerprint": cfg.fingerprint(),
                 **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -108,6 +126,7 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
     TuneReportCallback here so Tune sees the trial's metrics). `data_cpu_limit`: cap on the CPUs
     this run's Ray Data pipeline may hold (a sweep gives each trial its share; unset, Ray Data
     takes every free CPU and concurrent trials wait for it)."""
+    preflight(cfg)  # before importing Ray Train, which alone takes seconds
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

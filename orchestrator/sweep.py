@@ -186,7 +186,7 @@ def run_sweep(cfg: ExperimentConfig, max_concurrent_trials: Optional[int] = None
 
     from orchestrator import compare
     from orchestrator.data import build_datasets, manifest_tags
-    from orchestrator.driver import _one_line, init_ray, start_mlflow_run, storage_path
+    from orchestrator.driver import _one_line, init_ray, preflight, start_mlflow_run, storage_path
 
     if cfg.sweep is None:
         raise UserError(f"{cfg.name}: no sweep: section")
@@ -195,6 +195,7 @@ def run_sweep(cfg: ExperimentConfig, max_concurrent_trials: Optional[int] = None
     sw = cfg.sweep
     # Tune would chdir every trial into its own directory; the trials need none of that.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    preflight(cfg)
     init_ray()
     build_datasets(cfg)  # preflight the shards before any MLflow run exists
 

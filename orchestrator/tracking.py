@@ -43,11 +43,24 @@ def git_commit() -> str:
     if os.environ.get("LLIP_GIT_COMMIT"):  # set by `llip submit`: jobs run from an upload without .git
         return os.environ["LLIP_GIT_COMMIT"]
     try:
-        here = Path(__file__).resolve().parent
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        ).stdout.strip() or "unknown"
+        root = Path(__file__).resolve().parent.parent
+        # Only when this package is the checkout's own code: an installed copy inside some other
+        # repository's folder (a venv in a research repo) must not report that repository's commit.
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=root,
+                             capture_output=True, text=True, timeout=5).stdout.split()
+        if len(out) == 2 and Path(out[0]).resolve() == root:
+            return out[1]
     except Exception:
+        pass
+    return "unknown"
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llip-orch")
+    except PackageNotFoundError:
         return "unknown"
 
 

@@ -49,6 +49,9 @@ def test_smoke_run_trains_logs_and_checkpoints(emoji_shards, cli_env, tmp_path):
     final = c.download_artifacts(run.info.run_id, "eval/final.json", str(tmp_path))
     import json
     assert json.load(open(final))["step"] == 30
+    from orchestrator.tracking import git_commit, package_version
+    assert run.data.tags["llip.version"] == package_version() != "unknown"
+    assert run.data.tags["llip.git_commit"] == git_commit()
     ckpt = Path(run.data.tags["llip.checkpoint"])
     assert ckpt.is_dir() and (ckpt / "state.pt").is_file()
     assert str(ckpt).startswith(str(tmp_path / "runs"))
