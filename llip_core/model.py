@@ -198,14 +198,16 @@ class LlipModel(nn.Module):
         return {"out_proj": self.out_proj} if self.pooling == "llip" else {}
 
     def pair_scores(self, img_feats: dict, txt_feats: dict, literal: bool = False,
-                    chunk_size: int | None = None) -> torch.Tensor:
-        """(B_img, B_txt) cosine similarities, for every pooling; evaluation never branches on type."""
+                    chunk_size: int | None = None, tau: float | None = None) -> torch.Tensor:
+        """(B_img, B_txt) cosine similarities, for every pooling; evaluation never branches on type.
+
+        `tau`: Llip's softmax temperature for this call (zero-shot sweeps it); None: the model's."""
         if self.pooling == "llip":
             from llip_core.losses import llip_pair_logits
 
             return llip_pair_logits(
                 img_feats["keys"], img_feats["values"], txt_feats["queries"], txt_feats["text_emb"],
-                self.out_proj, self.tau, chunk_size=chunk_size, literal=literal,
+                self.out_proj, self.tau if tau is None else tau, chunk_size=chunk_size, literal=literal,
             )
         return img_feats["image_emb"] @ txt_feats["text_emb"].T
 
