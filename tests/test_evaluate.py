@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from llip_core.config import SIZES
-from llip_core.evaluate import class_text_features, retrieval_recall, zero_shot_classify
+from llip_core.evaluate import class_text_features, expected_hits, retrieval_recall, zero_shot_classify
 from llip_core.losses import llip_pair_logits
 from llip_core.model import LlipModel
 from llip_core.tokenizer import WordHashTokenizer
@@ -46,11 +46,13 @@ def test_retrieval_known_answer_dot():
     assert set(out) == {"i2t_r@1", "i2t_r@5", "t2i_r@1", "t2i_r@5", "r@1", "r@5"}
 
 
-def test_retrieval_ties_count_against_the_positive():
+def test_retrieval_all_equal_scores_give_chance_not_zero_or_one():
     N = 12
     same = F.normalize(torch.ones(N, 4), dim=-1)
-    out = retrieval_recall(TableModel({"image_emb": same}, {"text_emb": same}), torch.arange(N), torch.arange(N))
-    assert out["r@1"] == 0.0 and out["r@10"] == 0.0
+    out = retrieval_recall(TableModel({"image_emb": same}, {"text_emb": same}), torch.arange(N), torch.arange(N),
+                           ks=(1, 5, 10))
+    for k in (1, 5, 10):
+        assert out[f"i2t_r@{k}"] == pytest.approx(k / N) and out[f"t2i_r@{k}"] == pytest.approx(k / N)
 
 
 def _loop_recall(S, k):
@@ -165,3 +167,143 @@ def test_zero_shot_real_model_matches_loop_reference(pooling):
                           for i in range(9)])
     assert out["top1"] == pytest.approx(float((ranks < 1).float().mean()))
     assert out["top5"] == pytest.approx(float((ranks < 5).float().mean()))
+
+
+# ----------------------------------------------------------------------------------------------
+# protocols: perfect / shuffled models, several captions per image, duplicate captions, ties
+# ----------------------------------------------------------------------------------------------
+def _tie_order_reference(scores, positive, k):
+    """Exact expectation over every order of tied scores, by enumerating permutations (tiny rows)."""
+    import itertools
+
+    hits = []
+    for s, p in zip(scores.tolist(), positive.tolist()):
+        n = len(s)
+        tot, cnt = 0.0, 0
+        for perm in itertools.permutations(range(n)):
+            # a random tie-break: sort by (-score, position in perm)
+            pos_in = {c: i for i, c in enumerate(perm)}
+            order = sorted(range(n), key=lambda c: (-s[c], pos_in[c]))
+            tot += float(any(p[c] for c in order[:k]))
+            cnt += 1
+        hits.append(tot / cnt)
+    return torch.tensor(hits, dtype=torch.float64)
+
+
+def test_expected_hits_matches_permutation_reference():
+    torch.manual_seed(0)
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 0.5],
+                           [0.2, 0.9, 0.9, 0.9, 0.9, 0.1],
+                           [0.3, 0.3, 0.3, 0.7, 0.3, 0.3],
+                           [0.5, 0.5, 0.5, 0.5, 0.5, 0.5]])
+    positive = torch.tensor([[1, 0, 0, 1, 0, 0],
+                             [0, 1, 0, 1, 0, 0],
+                             [1, 0, 0, 0, 0, 1],
+                             [0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    for k in (1, 2, 3, 5):
+        got = expected_hits(scores, positive, [k])[k]
+        torch.testing.assert_close(got, _tie_order_reference(scores, positive, k))
+
+
+def test_perfect_model_gets_recall_and_top1_of_one():
+    torch.manual_seed(0)
+    N = 30
+    feats = F.normalize(torch.randn(N, 16), dim=-1)
+    out = retrieval_recall(TableModel({"image_emb": feats}, {"text_emb": feats}), torch.arange(N), torch.arange(N))
+    assert all(v == 1.0 for v in out.values())
+    C = 7  # "features equal to labels": image of class c is e_c, class c's prompt is e_c
+    labels = torch.arange(40) % C
+    e = torch.eye(C)
+    index = {f"t|c{c}": c for c in range(C)}
+    model = TableModel({"image_emb": e[labels]}, {"text_emb": e})
+    assert zero_shot_classify(model, torch.arange(40), labels, [f"c{c}" for c in range(C)], ["t|{}"],
+                              _IdTokenizer(index)) == {"top1": 1.0, "top5": 1.0}
+
+
+def test_shuffled_model_gets_chance():
+    """Images paired with random captions: recall@k ~ k/N and top-1 ~ 1/C, within a few standard errors."""
+    torch.manual_seed(1)
+    N = 600
+    feats = F.normalize(torch.randn(N, 64), dim=-1)
+    perm = torch.randperm(N)
+    out = retrieval_recall(TableModel({"image_emb": feats[perm]}, {"text_emb": feats}), torch.arange(N),
+                           torch.arange(N), ks=(1, 10, 50))
+    for k in (10, 50):
+        p = k / N
+        se = (p * (1 - p) / N) ** 0.5
+        assert abs(out[f"i2t_r@{k}"] - p) < 4 * se + 1e-3 and abs(out[f"t2i_r@{k}"] - p) < 4 * se + 1e-3
+    C, M = 10, 3000
+    protos = F.normalize(torch.randn(C, 32), dim=-1)
+    labels = torch.randint(0, C, (M,))
+    img = protos[torch.randint(0, C, (M,))]  # the image looks like a random class
+    model = TableModel({"image_emb": img}, {"text_emb": protos})
+    top1 = zero_shot_classify(model, torch.arange(M), labels, [f"c{c}" for c in range(C)], ["t|{}"],
+                              _IdTokenizer({f"t|c{c}": c for c in range(C)}))["top1"]
+    assert abs(top1 - 0.1) < 4 * (0.09 / M) ** 0.5
+
+
+def test_multi_caption_known_answer():
+    """3 images with 2 captions each (COCO style), hand-built scores without ties:
+    image 0 ranks its own caption 1 first (hit at 1); image 1 ranks two foreign captions (0, 4) above
+    its own caption 2 (hit at 3); image 2's own caption 4 scores highest (hit at 1). Text->image
+    averages over the 6 captions and is checked against top-k read straight off the score matrix."""
+    e = torch.eye(4)
+    caps = torch.stack([e[0], e[1], e[2], e[3], F.normalize(e[0] + e[1], dim=0), F.normalize(e[2] + e[3], dim=0)])
+    owner = torch.tensor([0, 0, 1, 1, 2, 2])
+    img = torch.stack([
+        0.2 * e[0] + 0.9 * e[1] + 0.01 * e[3],
+        0.8 * e[0] + 0.5 * e[2] + 0.02 * e[3],
+        0.9 * e[0] + 0.8 * e[1] + 0.1 * e[2] + 0.03 * e[3],
+    ])
+    model = TableModel({"image_emb": img}, {"text_emb": caps})
+    out = retrieval_recall(model, torch.arange(3), torch.arange(6), ks=(1, 2, 3), caption_image=owner)
+    assert (out["i2t_r@1"], out["i2t_r@2"], out["i2t_r@3"]) == pytest.approx((2 / 3, 2 / 3, 1.0))
+    S = img @ caps.T
+
+    def t2i(k):
+        return sum(int(owner[c]) in S[:, c].topk(k).indices.tolist() for c in range(6)) / 6
+
+    assert (out["t2i_r@1"], out["t2i_r@2"], out["t2i_r@3"]) == pytest.approx((t2i(1), t2i(2), t2i(3)))
+    assert out["t2i_r@1"] == pytest.approx(3 / 6)  # captions 1, 2 and 4 find their image first
+
+
+def test_duplicate_captions_are_one_text_not_negatives():
+    """Two images share the caption "red heart" (identical tokens). Counted as two different texts,
+    each image would tie with a foreign copy of its own caption; as one text both images have it as a
+    positive and recall is 1."""
+    N = 5
+    feats = F.normalize(torch.randn(N, 8, generator=torch.Generator().manual_seed(3)), dim=-1)
+    img = feats.clone()
+    img[4] = feats[3]  # images 3 and 4 look alike and share their caption
+    tokens = torch.tensor([[0], [1], [2], [3], [3]])  # captions 3 and 4 are the same token sequence
+    model = TableModel({"image_emb": img}, {"text_emb": feats})
+    out = retrieval_recall(model, torch.arange(N), tokens, ks=(1,))
+    assert out["i2t_r@1"] == 1.0
+    # text->image: caption "3" has two positive images tied at the top: still a hit at 1
+    assert out["t2i_r@1"] == 1.0
+
+
+def test_zero_shot_tau_list_reports_each_tau_and_tau_changes_llip_scores():
+    torch.manual_seed(0)
+    cfg = SIZES["micro"].replace(pooling="llip")
+    m = LlipModel(cfg)
+    tok = WordHashTokenizer(cfg.vocab_size, cfg.context_length)
+    names = ["cat", "dog", "tree", "car", "boat", "apple"]
+    images = torch.randn(12, 3, cfg.image_size, cfg.image_size)
+    labels = torch.arange(12) % 6
+    out = zero_shot_classify(m, images, labels, names, ["a {c}."], tok, taus=[1, 5])
+    assert set(out) == {"top1@tau=1", "top5@tau=1", "top1@tau=5", "top5@tau=5"}
+    with torch.no_grad():
+        img, txt = m.encode_image(images), m.encode_text(torch.as_tensor(tok(["a cat."])))
+        assert not torch.allclose(m.pair_scores(img, txt, tau=1.0), m.pair_scores(img, txt, tau=5.0))
+        torch.testing.assert_close(m.pair_scores(img, txt, tau=cfg.tau), m.pair_scores(img, txt))
+    single = zero_shot_classify(m, images, labels, names, ["a {c}."], tok, taus=[cfg.tau])
+    assert single[f"top1@tau={cfg.tau:g}"] == pytest.approx(zero_shot_classify(m, images, labels, names, ["a {c}."], tok)["top1"])
+
+
+def test_zero_shot_class_index_out_of_range_is_an_error():
+    e = torch.eye(3)
+    model = TableModel({"image_emb": e}, {"text_emb": e})
+    with pytest.raises(ValueError, match="class index 3 out of range for 3"):
+        zero_shot_classify(model, torch.arange(3), torch.tensor([0, 1, 3]), ["a", "b", "c"], ["t|{}"],
+                           _IdTokenizer({f"t|{c}": i for i, c in enumerate("abc")}))
