@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from orchestrator.errors import UserError
@@ -16,6 +17,8 @@ COMMANDS = {
     "compare": ("orchestrator.compare", "table of a sweep's trials from MLflow, sorted by its metric"),
     "submit": ("orchestrator.jobs", "submit a run or sweep to a remote Ray cluster as a Ray job"),
     "shards": ("orchestrator.shards", "write WebDataset shards (local or s3://) from a data source"),
+    "metadata": ("orchestrator.metadata", "build a MetaCLIP-format metadata list (WordNet + word lists)"),
+    "curate": ("orchestrator.curate", "MetaCLIP-curate the experiment's data.train (its curation: section)"),
 }
 
 
@@ -43,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(_module=None)
             continue
         mod.add_args(p)
+        p.add_argument("--verbose", action="store_true",
+                       help="show all of Ray's worker output (Train's per-report lines, Data's banners)")
         p.set_defaults(_module=mod)
     return parser
 
@@ -52,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     if args._module is None:
         print(f"llip: error: '{args.command}' is not available in this build", file=sys.stderr)
         return 2
+    if args.verbose:
+        os.environ["LLIP_VERBOSE"] = "1"  # read where Ray starts, possibly in another module
     try:
         return int(args._module.cli(args) or 0)
     except UserError as e:

@@ -358,8 +358,11 @@ def decode_dataset(raw: "ray.data.Dataset", decoder: Decoder, concurrency: int, 
     through the object store and each task streams its tars straight into decoded blocks, which
     measured about twice as fast as separate read and decode stages at 32 px
     (benchmarks/ingest.py)."""
+    import ray.data
+
+    # compute= rather than the deprecated concurrency= (same pool size, so the read still fuses)
     return raw.map_batches(decoder, batch_size=None, batch_format="numpy", num_cpus=num_cpus,
-                           concurrency=concurrency, zero_copy_batch=True)
+                           compute=ray.data.TaskPoolStrategy(size=concurrency), zero_copy_batch=True)
 
 
 def pipeline(paths: list[str], filesystem, decoder: Decoder, *, shuffle_seed: Optional[int], concurrency: int,

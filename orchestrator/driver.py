@@ -77,6 +77,9 @@ def init_ray() -> None:
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, configure_logging=False)
+        from orchestrator.console import quiet_worker_logs
+
+        quiet_worker_logs()
 
 
 def storage_path(cfg: ExperimentConfig) -> str:
