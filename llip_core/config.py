@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-Pooling = Literal["llip", "cls", "avg", "register"]
+Pooling = Literal["llip", "cls", "avg", "register", "multi_cls"]
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,9 @@ class ModelConfig:
     mlp_ratio: float = 4.0  # ViT MLP hidden = mlp_ratio * width
     # --- text tower (causal transformer pooled at the end-of-text token) ---
     context_length: int = 77  # tokens per caption, SOT and EOT included
-    vocab_size: int = 49408  # must cover the tokenizer's ids (see llip_core.tokenizer)
+    vocab_size: int = 49408  # embedding rows: 49,408 for full CLIP BPE; compact: set from the training captions
+    tokenizer: Literal["clip_bpe", "word_hash"] = "clip_bpe"  # llip_core.tokenizer; word_hash: vocab_size buckets
+    vocab: Literal["full", "compact"] = "full"  # compact: only ids seen in training (+ pad/SOT/EOT/unknown)
     text_width: int = 512
     text_layers: int = 12
     text_heads: int = 8
@@ -34,7 +36,12 @@ class ModelConfig:
     mixture_tokens: int = 32  # K; ignored for "cls"
     cross_heads: int = 8  # H of the Llip cross-attention; 8 in every released config
     tau: float = 5.0  # softmax temperature over the K mixture tokens (no 1/sqrt(d) scaling)
+    # "multi_cls" (Holistic CLIP): M class tokens that do not attend to each other, one embedding each
+    # through the shared projection; ignored by the other poolings, as mixture_tokens is by "cls".
+    branches: int = 1
     init_std: float | None = None  # None: CLIP's width-scaled init (learns at once; see DESIGN.md)
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"  # MLP activation; every released Llip config: quick_gelu
+    kqv_norm: bool = False  # LayerNorm(D) on Llip keys, values and queries (`use_norm`, released H/14 and G/14)
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -43,12 +50,20 @@ class ModelConfig:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by cross_heads {self.cross_heads}")
         if self.pooling != "cls" and self.mixture_tokens < 1:
             raise ValueError("mixture_tokens must be >= 1")
+        if self.branches < 1:
+            raise ValueError(f"model.branches {self.branches}: must be >= 1 (the number of class tokens of "
+                             "pooling multi_cls)")
         if self.tau <= 0:
             raise ValueError("tau must be > 0")
+        if self.tokenizer == "clip_bpe" and self.vocab == "full" and self.vocab_size < 49408:
+            raise ValueError(f"model.vocab_size {self.vocab_size} is below CLIP BPE's 49,408 ids; "
+                             "set model.vocab: compact to keep a tiny model's embedding table small")
 
     @property
     def num_image_tokens(self) -> int:
         """Tokens prepended to the patches: K mixture tokens, or one class token."""
+        if self.pooling == "multi_cls":
+            return self.branches
         return 1 if self.pooling == "cls" else self.mixture_tokens
 
     def replace(self, **changes) -> "ModelConfig":
@@ -59,14 +74,15 @@ _B = dict(width=768, layers=12, heads=12, text_width=512, text_layers=12, text_h
 
 # Named sizes. The paper's shapes follow the MetaCLIP/Llip releases (G/14 is the "bigG" shape).
 SIZES: dict[str, ModelConfig] = {
-    # CPU tests and demos: 32 px images, byte/word-sized vocabularies from llip_core.tokenizer.
+    # CPU tests and demos: 32 px images, CLIP BPE with a compact vocabulary (the table's size is set from
+    # the training captions when a run starts; 4096 is only the value before that).
     "tiny": ModelConfig(
-        image_size=32, patch_size=4, width=128, layers=4, heads=4, context_length=16, vocab_size=4096,
+        image_size=32, patch_size=4, width=128, layers=4, heads=4, context_length=16, vocab_size=4096, vocab="compact",
         text_width=128, text_layers=4, text_heads=4, embed_dim=128, mixture_tokens=8, tau=5.0,
     ),
     # unit tests that only need the shapes to line up
     "micro": ModelConfig(
-        image_size=16, patch_size=8, width=32, layers=1, heads=2, context_length=8, vocab_size=512,
+        image_size=16, patch_size=8, width=32, layers=1, heads=2, context_length=8, vocab_size=512, vocab="compact",
         text_width=32, text_layers=1, text_heads=2, embed_dim=32, mixture_tokens=4, cross_heads=4, tau=5.0,
     ),
     "B/32": ModelConfig(patch_size=32, mixture_tokens=64, tau=5.0, **_B),
@@ -77,11 +93,12 @@ SIZES: dict[str, ModelConfig] = {
     ),
     "H/14": ModelConfig(
         patch_size=14, width=1280, layers=32, heads=16, text_width=1024, text_layers=24, text_heads=16,
-        embed_dim=1024, mixture_tokens=64, tau=5.0,
+        embed_dim=1024, mixture_tokens=64, tau=5.0, kqv_norm=True,
     ),
     "G/14": ModelConfig(
         patch_size=14, width=1664, layers=48, heads=16, mlp_ratio=8192 / 1664, text_width=1280,
         text_layers=32, text_heads=20, text_mlp_ratio=4.0, embed_dim=1280, mixture_tokens=64, tau=5.0,
+        kqv_norm=True,
     ),
 }
 

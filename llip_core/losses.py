@@ -358,18 +358,26 @@ class InfoNCELoss(nn.Module):
         return {"loss": (loss_i2t + loss_t2i) / 2, "loss_i2t": loss_i2t, "loss_t2i": loss_t2i}
 
 
-LOSS_TYPES = ("clip", "siglip", "llip", "llip_infonce")
+LOSS_TYPES = ("clip", "siglip", "llip", "llip_infonce", "holistic")
 # (initial log logit scale, initial logit bias or None): DESIGN.md section 2
 LOSS_INITS = {
     "clip": (math.log(1 / 0.07), None),
     "siglip": (math.log(10.0), -10.0),
     "llip": (math.log(1 / 0.07), -10.0),
     "llip_infonce": (math.log(1 / 0.07), None),
+    "holistic": (math.log(1 / 0.07), None),  # CLIP's InfoNCE per branch
 }
 
 
 def build_loss(loss_type: str, rank: int = 0, world_size: int = 1, tau: float = 5.0,
-               literal_scorer: bool = False, chunk_size: int | None = None, group=None) -> nn.Module:
+               literal_scorer: bool = False, chunk_size: int | None = None, group=None,
+               multi_caption: bool = False, diversity_weight: float = 1.0,
+               diversity_margin: float = 0.7) -> nn.Module:
+    """multi_caption: the loss takes M captions per image with a caption_mask (data.captions: all)."""
+    if loss_type == "holistic":
+        return HolisticLoss(rank, world_size, group, diversity_weight, diversity_margin)
+    if multi_caption:
+        return _multi_caption_loss(loss_type, rank, world_size, tau, literal_scorer, chunk_size, group)
     if loss_type == "clip":
         return InfoNCELoss(dot_scores, ("image_emb",), ("text_emb",), rank, world_size, group)
     if loss_type == "siglip":
@@ -398,3 +406,229 @@ def LlipLoss(tau: float, rank: int = 0, world_size: int = 1, literal_scorer: boo
 def LlipInfoNCELoss(tau: float, rank: int = 0, world_size: int = 1, literal_scorer: bool = False,
                     chunk_size: int | None = None, group=None) -> InfoNCELoss:
     return build_loss("llip_infonce", rank, world_size, tau, literal_scorer, chunk_size, group)
+
+
+# ============================================================================ several captions per image
+# Text features of a batch with M caption slots per image are image-major: row i*M + m is caption m of
+# image i; `caption_mask` (B_local, M) marks the real captions (shorter lists are padded). Every loss in
+# this section takes it, and normalises by the number of real captions in the *global* batch, so the
+# mean over ranks of "loss" is the single-process loss on the concatenated batch, as above.
+def branch_mean_scores(branch_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """Holistic CLIP's evaluation score: the cosine of each branch embedding with each text, averaged
+    over branches (the paper averages logits; one shared scale makes that the same ranking).
+    branch_emb (B_img, M, D), text_emb (B_txt, D) -> (B_img, B_txt); one branch: the plain cosine."""
+    return torch.einsum("imd,jd->ij", branch_emb, text_emb) / branch_emb.shape[1]
+
+
+def _caption_mask(caption_mask, n_img: int, n_txt: int, device) -> torch.Tensor:
+    if caption_mask is not None:
+        if caption_mask.shape[0] != n_img or caption_mask.numel() != n_txt:
+            raise ValueError(f"caption_mask {tuple(caption_mask.shape)} does not fit {n_img} images and "
+                             f"{n_txt} text rows (rows image-major, M per image)")
+        return caption_mask.bool()
+    if n_txt % n_img:
+        raise ValueError(f"{n_txt} text rows for {n_img} images: give caption_mask or M captions per image")
+    return torch.ones(n_img, n_txt // n_img, dtype=torch.bool, device=device)
+
+
+def _gather_plain(tensor: torch.Tensor, world_size: int, group=None) -> torch.Tensor:
+    """all_gather without gradient (masks, counts)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _global_scale(mask: torch.Tensor, world_size: int, group=None) -> torch.Tensor:
+    """world_size / (real captions in the global batch): turns a rank's sum of terms into its share."""
+    n = mask.sum().to(torch.float64)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        n = n.clone()
+        dist.all_reduce(n, group=group)
+    return world_size / n.clamp_min(1)
+
+
+class MultiCaptionInfoNCELoss(nn.Module):
+    """InfoNCE over M caption slots per image (`clip`, `llip_infonce` with data.captions: all).
+
+    image->text: one term per (image i, real caption c of i),
+        -log( e^{l_ic} / (e^{l_ic} + sum_{c' real, not of i} e^{l_ic'}) ),
+    so every caption of i is a positive, the captions of other images are the negatives, and i's other
+    captions are neither; text->image: one cross-entropy per real caption over all images. Each
+    direction is averaged over the real captions, and the loss is their mean: with M = 1 it is
+    InfoNCELoss exactly. Distributed as InfoNCELoss (features gathered with gradient, local rows)."""
+
+    multi_caption = True
+
+    def __init__(self, scorer: Callable, image_keys: tuple[str, ...], text_keys: tuple[str, ...],
+                 rank: int = 0, world_size: int = 1, group=None):
+        super().__init__()
+        self.scorer, self.image_keys, self.text_keys = scorer, image_keys, text_keys
+        self.rank, self.world_size, self.group = rank, world_size, group
+
+    def forward(self, image_features: dict, text_features: dict, logit_scale, logit_bias=None,
+                caption_mask=None, **scoring):
+        b = next(iter(image_features.values())).shape[0]
+        n_txt = next(iter(text_features.values())).shape[0]
+        device = next(iter(image_features.values())).device
+        mask = _caption_mask(caption_mask, b, n_txt, device)
+        M = mask.shape[1]
+        if self.world_size > 1:
+            all_img = {k: gather_with_grad(image_features[k], self.group) for k in self.image_keys}
+            all_txt = {k: gather_with_grad(text_features[k], self.group) for k in self.text_keys}
+            all_mask = _gather_plain(mask, self.world_size, self.group)
+        else:
+            all_img, all_txt, all_mask = image_features, text_features, mask
+        i2t = logit_scale * self.scorer(image_features, all_txt, **scoring)  # (b, B*M)
+        t2i = logit_scale * self.scorer(all_img, text_features, **scoring).T  # (b*M, B)
+        rows = torch.arange(b, device=device) + self.rank * b  # global ids of this rank's images
+        owner = torch.arange(all_mask.shape[0], device=device).repeat_interleave(M)
+        negative = all_mask.reshape(-1)[None, :] & (owner[None, :] != rows[:, None])  # (b, B*M)
+        pos = i2t.gather(1, rows[:, None] * M + torch.arange(M, device=device)[None, :])  # (b, M)
+        neg = i2t.masked_fill(~negative, float("-inf"))
+        # each positive with all negatives; the positive column keeps every row finite
+        both = torch.cat([pos[:, :, None], neg[:, None, :].expand(-1, M, -1)], dim=2)
+        term_i2t = torch.logsumexp(both, dim=2) - pos
+        term_t2i = F.cross_entropy(t2i, rows.repeat_interleave(M), reduction="none").view(b, M)
+        scale = _global_scale(mask, self.world_size, self.group).to(i2t.dtype)
+        zero = torch.zeros((), dtype=i2t.dtype, device=device)
+        loss_i2t = torch.where(mask, term_i2t, zero).sum() * scale
+        loss_t2i = torch.where(mask, term_t2i, zero).sum() * scale
+        return {"loss": (loss_i2t + loss_t2i) / 2, "loss_i2t": loss_i2t, "loss_t2i": loss_t2i}
+
+
+class MultiCaptionSigmoidLoss(nn.Module):
+    """The sigmoid loss over M caption slots per image (`siglip`, `llip` with data.captions: all):
+    `-sum_{i, c real} log sigmoid(y_ic (s * score_ic + b)) / B_local`, y_ic = +1 when c is a caption of
+    image i, -1 otherwise. With M = 1 it is SigmoidLoss. Other ranks' captions (and their mask) come
+    around a ring and are negatives only."""
+
+    multi_caption = True
+
+    def __init__(self, scorer: Callable, text_keys: tuple[str, ...], rank: int = 0, world_size: int = 1,
+                 group=None):
+        super().__init__()
+        self.scorer, self.text_keys = scorer, text_keys
+        self.rank, self.world_size, self.group = rank, world_size, group
+
+    @staticmethod
+    def _terms(scores, valid, logit_scale, logit_bias, M: int, positives: bool):
+        logits = logit_scale * scores + logit_bias
+        b = logits.shape[0]
+        labels = -torch.ones_like(logits)
+        if positives:
+            owner = torch.arange(logits.shape[1], device=logits.device) // M
+            labels = torch.where(owner[None, :] == torch.arange(b, device=logits.device)[:, None], 1.0, labels)
+        terms = -F.logsigmoid(labels * logits)
+        return torch.where(valid[None, :], terms, torch.zeros_like(terms)).sum() / b
+
+    def forward(self, image_features: dict, text_features: dict, logit_scale, logit_bias,
+                caption_mask=None, **scoring):
+        b = next(iter(image_features.values())).shape[0]
+        n_txt = next(iter(text_features.values())).shape[0]
+        mask = _caption_mask(caption_mask, b, n_txt, next(iter(image_features.values())).device)
+        M = mask.shape[1]
+        valid = mask.reshape(-1)
+        loss = self._terms(self.scorer(image_features, text_features, **scoring), valid, logit_scale,
+                           logit_bias, M, True)
+        if self.world_size > 1:
+            right, left = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
+            ref = text_features[self.text_keys[0]]
+            feats = {**text_features, "_valid": valid[:, None].to(ref.dtype)}
+            packed, layout = _pack(feats, self.text_keys + ("_valid",))
+            for _ in range(self.world_size - 1):
+                packed = neighbour_exchange_with_grad(left, right, packed, self.group)
+                other = _unpack(packed, layout)
+                other_valid = other.pop("_valid")[:, 0] > 0.5
+                loss = loss + self._terms(self.scorer(image_features, other, **scoring), other_valid,
+                                          logit_scale, logit_bias, M, False)
+        return {"loss": loss}
+
+
+class HolisticLoss(nn.Module):
+    """Holistic CLIP's multi-to-multi loss (arXiv 2412.00440; the official open_clip fork's loss).
+
+    image_features["branch_emb"] (B_local, M_b, D) normalised; text_features["text_emb"] (B_local*M_c, D)
+    normalised, image-major, with caption_mask (B_local, M_c). Each caption slot c is one CLIP problem
+    over the batch (image rows against slot-c captions, slot-c caption rows against images):
+    - slot c is paired with branch c when M_c >= M_b and c < M_b (so M_c = M_b pairs branch k with
+      caption k, as the official code does);
+    - every other slot is free-matched: caption c of image i takes the branch k_ic = argmax_k
+      <branch_k(i), caption_c(i)> (its best positive score); image i's row scores that branch against
+      all slot-c captions, and caption c's row scores branch k_ic of every image.
+    Cross-entropy both ways, averaged over the real captions of the global batch, then halved (CLIP).
+    Diversity: `weight * max(mean over images of the mean off-diagonal cosine between the image's
+    branches - margin, 0)`, the official code's hinge on the batch mean (margin 0.7).
+    Distributed as InfoNCELoss: features gathered with gradient, each rank its own rows; the batch
+    mean of the diversity term is taken over the global batch."""
+
+    multi_caption = True
+
+    def __init__(self, rank: int = 0, world_size: int = 1, group=None, diversity_weight: float = 1.0,
+                 diversity_margin: float = 0.7):
+        super().__init__()
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.diversity_weight, self.diversity_margin = diversity_weight, diversity_margin
+
+    def forward(self, image_features: dict, text_features: dict, logit_scale, logit_bias=None,
+                caption_mask=None, **scoring):
+        img = image_features["branch_emb"]
+        b, Mb, D = img.shape
+        mask = _caption_mask(caption_mask, b, text_features["text_emb"].shape[0], img.device)
+        Mc = mask.shape[1]
+        txt = text_features["text_emb"].view(b, Mc, D)
+        if self.world_size > 1:
+            all_img, all_txt = gather_with_grad(img, self.group), gather_with_grad(txt, self.group)
+            all_mask = _gather_plain(mask, self.world_size, self.group)
+        else:
+            all_img, all_txt, all_mask = img, txt, mask
+        B = all_img.shape[0]
+        local = torch.arange(b, device=img.device)
+        rows = local + self.rank * b
+        zero = torch.zeros((), dtype=img.dtype, device=img.device)
+        total = zero
+        for c in range(Mc):
+            t_all, t_loc = all_txt[:, c], txt[:, c]
+            if Mc >= Mb and c < Mb:
+                i2t = img[:, c] @ t_all.T  # (b, B)
+                t2i = t_loc @ all_img[:, c].T  # (b, B)
+            else:
+                with torch.no_grad():
+                    k = torch.einsum("bmd,bd->bm", img, t_loc).argmax(1)  # (b,)
+                i2t = img[local, k] @ t_all.T
+                t2i = torch.einsum("jbd,bd->bj", all_img[:, k], t_loc)
+            # a padded caption is no candidate; a row's own column stays so no row is empty
+            cand = all_mask[:, c][None, :] | (torch.arange(B, device=img.device)[None, :] == rows[:, None])
+            i2t = (logit_scale * i2t).masked_fill(~cand, float("-inf"))
+            ce = F.cross_entropy(i2t, rows, reduction="none") + F.cross_entropy(logit_scale * t2i, rows, reduction="none")
+            total = total + torch.where(mask[:, c], ce, zero).sum()
+        contrastive = total / 2 * _global_scale(mask, self.world_size, self.group).to(img.dtype)
+        out = {"contrastive": contrastive}
+        loss = contrastive
+        if Mb > 1:
+            gram = img @ img.transpose(1, 2)  # (b, Mb, Mb)
+            off = (gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(1)) / (Mb * (Mb - 1))
+            if self.world_size > 1:
+                off = gather_with_grad(off, self.group)
+            diversity = torch.clamp(off.mean() - self.diversity_margin, min=0)
+            out["diversity"] = diversity
+            loss = loss + self.diversity_weight * diversity
+        out["loss"] = loss
+        return out
+
+
+def _multi_caption_loss(loss_type: str, rank: int, world_size: int, tau: float, literal_scorer: bool,
+                        chunk_size: int | None, group) -> nn.Module:
+    if loss_type == "clip":
+        return MultiCaptionInfoNCELoss(dot_scores, ("image_emb",), ("text_emb",), rank, world_size, group)
+    if loss_type == "siglip":
+        return MultiCaptionSigmoidLoss(dot_scores, ("text_emb",), rank, world_size, group)
+    llip = LlipScorer(tau, chunk_size, literal_scorer)
+    if loss_type == "llip":
+        return MultiCaptionSigmoidLoss(llip, ("queries", "text_emb"), rank, world_size, group)
+    if loss_type == "llip_infonce":
+        return MultiCaptionInfoNCELoss(llip, ("keys", "values"), ("queries", "text_emb"), rank, world_size, group)
+    raise ValueError(f"unknown loss type {loss_type!r}; choose one of {LOSS_TYPES}")

@@ -20,11 +20,18 @@ from llip_core.config import ModelConfig
 from llip_core.tokenizer import eot_positions
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): OpenAI CLIP's GELU approximation, used by every released Llip config."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
 class MLP(nn.Module):
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int, activation: str = "gelu"):
         super().__init__()
         self.c_fc = nn.Linear(width, hidden)
-        self.gelu = nn.GELU()
+        self.gelu = QuickGELU() if activation == "quick_gelu" else nn.GELU()
         self.c_proj = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,37 +48,39 @@ class SelfAttention(nn.Module):
         self.in_proj = nn.Linear(width, 3 * width)
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """attn_mask: (n, n) bool, True where a query may attend (multi_cls pooling); not with causal."""
         b, n, w = x.shape
         q, k, v = self.in_proj(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal)
         return self.out_proj(y.transpose(1, 2).reshape(b, n, w))
 
 
 class Block(nn.Module):
     """Pre-LN transformer block."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, causal: bool = False):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, causal: bool = False, activation: str = "gelu"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = SelfAttention(width, heads, causal)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = MLP(width, int(round(width * mlp_ratio)))
+        self.mlp = MLP(width, int(round(width * mlp_ratio)), activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, causal: bool = False):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, causal: bool = False,
+                 activation: str = "gelu"):
         super().__init__()
         self.width, self.layers = width, layers
-        self.resblocks = nn.ModuleList(Block(width, heads, mlp_ratio, causal) for _ in range(layers))
+        self.resblocks = nn.ModuleList(Block(width, heads, mlp_ratio, causal, activation) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.resblocks:
-            x = block(x)
+            x = block(x, attn_mask)
         return x
 
     def init_parameters(self, std: float | None) -> None:
@@ -103,18 +112,25 @@ class LlipModel(nn.Module):
 
         # --- image tower ---
         self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
-        if cfg.pooling == "cls":
-            self.class_embedding = nn.Parameter(torch.empty(1, cfg.width))
+        if cfg.pooling in ("cls", "multi_cls"):
+            self.class_embedding = nn.Parameter(torch.empty(n_tok, cfg.width))
         else:
             self.mixture_tokens = nn.Parameter(torch.empty(cfg.mixture_tokens, cfg.width))
         # one row per prepended token (each mixture token has its own) and one per patch
         self.positional_embedding = nn.Parameter(torch.empty(n_tok + grid * grid, cfg.width))
         self.ln_pre = nn.LayerNorm(cfg.width)
-        self.visual = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio)
+        self.visual = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, activation=cfg.activation)
         self.ln_post = nn.LayerNorm(cfg.width)
         if cfg.pooling == "llip":
             self.k_proj = nn.Parameter(torch.empty(cfg.mixture_tokens, cfg.width, D))
             self.v_proj = nn.Parameter(torch.empty(cfg.mixture_tokens, cfg.width, D))
+            # the released H/14 and G/14 (`use_norm`): LayerNorm over D before the heads split
+            norm = (lambda: nn.LayerNorm(D)) if cfg.kqv_norm else nn.Identity
+            self.k_norm, self.v_norm, self.q_norm = norm(), norm(), norm()
+        elif cfg.pooling in ("avg", "register"):
+            # as released (`...-ncls:64-avg/-register`): each of the K tokens has its own projection;
+            # avg averages after projecting, register keeps the first projected token
+            self.proj = nn.Parameter(torch.empty(cfg.mixture_tokens, cfg.width, D))
         else:
             self.proj = nn.Parameter(torch.empty(cfg.width, D))
 
@@ -122,7 +138,8 @@ class LlipModel(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
         self.text_positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
         text_mlp = cfg.mlp_ratio if cfg.text_mlp_ratio is None else cfg.text_mlp_ratio
-        self.text = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, text_mlp, causal=True)
+        self.text = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, text_mlp, causal=True,
+                                activation=cfg.activation)
         self.ln_final = nn.LayerNorm(cfg.text_width)
         self.text_projection = nn.Parameter(torch.empty(cfg.text_width, D))
         if cfg.pooling == "llip":
@@ -136,7 +153,7 @@ class LlipModel(nn.Module):
         vscale = cfg.width ** -0.5 if std is None else std
         tscale = cfg.text_width ** -0.5 if std is None else std
         nn.init.normal_(self.conv1.weight, std=vscale if std is not None else 0.02)
-        if cfg.pooling == "cls":
+        if cfg.pooling in ("cls", "multi_cls"):
             nn.init.normal_(self.class_embedding, std=vscale)
         else:
             nn.init.normal_(self.mixture_tokens, std=vscale)
@@ -154,20 +171,15 @@ class LlipModel(nn.Module):
         self.text.init_parameters(std)
         nn.init.normal_(self.text_projection, std=tscale)
 
-    def no_weight_decay(self) -> set[str]:
-        """Parameters that are >= 2-D but must not be decayed (tokens and positional embeddings)."""
-        names = {"positional_embedding", "text_positional_embedding"}
-        names.add("class_embedding" if self.pooling == "cls" else "mixture_tokens")
-        return names
-
     # ------------------------------------------------------------------ towers
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """ln_post of the prepended tokens' outputs: (B, K, width), K = 1 for "cls"."""
         x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, patches, width)
-        lead = self.class_embedding if self.pooling == "cls" else self.mixture_tokens
+        lead = self.class_embedding if self.pooling in ("cls", "multi_cls") else self.mixture_tokens
         x = torch.cat([lead.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
         x = self.ln_pre(x + self.positional_embedding.to(x.dtype))
-        x = self.visual(x)
+        multi = self.pooling == "multi_cls" and lead.shape[0] > 1
+        x = self.visual(x, branch_attn_mask(lead.shape[0], x.shape[1], x.device) if multi else None)
         return self.ln_post(x[:, : lead.shape[0]])
 
     def encode_image(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -176,12 +188,22 @@ class LlipModel(nn.Module):
             B, K, _ = h.shape
             H = self.cfg.cross_heads
             # a separate projection per mixture token: (B,K,w) x (K,w,D) -> (B,K,D)
-            keys = torch.einsum("bkw,kwd->bkd", h, self.k_proj.to(h.dtype))
-            values = torch.einsum("bkw,kwd->bkd", h, self.v_proj.to(h.dtype))
+            keys = self.k_norm(torch.einsum("bkw,kwd->bkd", h, self.k_proj.to(h.dtype)))
+            values = self.v_norm(torch.einsum("bkw,kwd->bkd", h, self.v_proj.to(h.dtype)))
             split = lambda t: t.view(B, K, H, -1).transpose(1, 2)  # (B, H, K, D/H)
             return {"keys": split(keys), "values": split(values)}
-        pooled = h.mean(1) if self.pooling == "avg" else h[:, 0]  # "register" / "cls": first token
-        return {"image_emb": F.normalize(pooled @ self.proj.to(pooled.dtype), dim=-1)}
+        if self.pooling == "multi_cls":
+            # one embedding per branch through the shared projection; "image_emb" only when there is
+            # one branch, so a loss that wants one embedding per image cannot silently take branch 0
+            branches = F.normalize(h @ self.proj.to(h.dtype), dim=-1)  # (B, M, D)
+            return {"branch_emb": branches, **({"image_emb": branches[:, 0]} if branches.shape[1] == 1 else {})}
+        if self.pooling in ("avg", "register"):
+            # all K projections even for register, as released: the unused ones get zero gradient rather
+            # than none, which DDP (find_unused_parameters=False) needs
+            z = torch.einsum("bkw,kwd->bkd", h, self.proj.to(h.dtype))
+            pooled = z.mean(1) if self.pooling == "avg" else z[:, 0]
+            return {"image_emb": F.normalize(pooled, dim=-1)}
+        return {"image_emb": F.normalize(h[:, 0] @ self.proj.to(h.dtype), dim=-1)}  # "cls"
 
     def encode_text(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.token_embedding(tokens) + self.text_positional_embedding[: tokens.shape[1]]
@@ -190,7 +212,7 @@ class LlipModel(nn.Module):
         h = x[torch.arange(x.shape[0], device=x.device), eot_positions(tokens)]
         out = {"text_emb": F.normalize(h @ self.text_projection.to(h.dtype), dim=-1)}
         if self.pooling == "llip":
-            out["queries"] = (h @ self.q_proj.to(h.dtype)).view(h.shape[0], self.cfg.cross_heads, -1)
+            out["queries"] = self.q_norm(h @ self.q_proj.to(h.dtype)).view(h.shape[0], self.cfg.cross_heads, -1)
         return out
 
     def scoring_params(self) -> dict[str, torch.Tensor]:
@@ -209,10 +231,22 @@ class LlipModel(nn.Module):
                 img_feats["keys"], img_feats["values"], txt_feats["queries"], txt_feats["text_emb"],
                 self.out_proj, self.tau if tau is None else tau, chunk_size=chunk_size, literal=literal,
             )
+        if self.pooling == "multi_cls":
+            from llip_core.losses import branch_mean_scores
+
+            return branch_mean_scores(img_feats["branch_emb"], txt_feats["text_emb"])
         return img_feats["image_emb"] @ txt_feats["text_emb"].T
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[dict, dict]:
         return self.encode_image(images), self.encode_text(tokens)
+
+
+def branch_attn_mask(branches: int, n: int, device=None) -> torch.Tensor:
+    """(n, n) bool, True where a query may attend: the first `branches` tokens (Holistic CLIP's class
+    tokens) see themselves and the patches but not each other; patches see everything."""
+    allowed = torch.ones(n, n, dtype=torch.bool, device=device)
+    allowed[:branches, :branches] = torch.eye(branches, dtype=torch.bool, device=device)
+    return allowed
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -27,11 +27,22 @@ class Task(nn.Module):
         # gradient, which DDP (find_unused_parameters=False) rejects.
         self.logit_bias = nn.Parameter(torch.tensor(float(init_bias))) if init_bias is not None else None
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor,
+                caption_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """tokens (B, L), or (B, M, L) with caption_mask (B, M) marking real captions (data.captions: all)."""
+        extra = {}
+        if tokens.dim() == 3:
+            if not getattr(self.loss, "multi_caption", False):
+                raise ValueError("tokens hold several captions per image but the loss takes one; build the "
+                                 "task with multi_caption=True (data.captions: all)")
+            B, M, L = tokens.shape
+            tokens = tokens.reshape(B * M, L)
+            extra["caption_mask"] = caption_mask if caption_mask is not None else \
+                torch.ones(B, M, dtype=torch.bool, device=tokens.device)
         img = self.model.encode_image(images)
         txt = self.model.encode_text(tokens)
         return self.loss(img, txt, logit_scale=self.logit_scale.exp(), logit_bias=self.logit_bias,
-                         **self.model.scoring_params())
+                         **extra, **self.model.scoring_params())
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -42,11 +53,18 @@ class Task(nn.Module):
 
 
 def build_task(model_cfg: ModelConfig, loss_type: str, rank: int = 0, world_size: int = 1,
-               literal_scorer: bool = False, chunk_size: int | None = None, group=None) -> Task:
+               literal_scorer: bool = False, chunk_size: int | None = None, group=None,
+               multi_caption: bool = False, diversity_weight: float = 1.0, diversity_margin: float = 0.7) -> Task:
     """chunk_size: images per chunk of the Llip scorer; None sizes chunks from a memory budget
     (losses.PAIR_BUDGET), the better choice on CPU."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss type {loss_type!r}; choose one of {LOSS_TYPES}")
+    if loss_type == "holistic" and model_cfg.pooling != "multi_cls":
+        raise ValueError(f"loss type 'holistic' needs model pooling 'multi_cls' (got {model_cfg.pooling!r}): "
+                         "it scores each of the image's branch embeddings")
+    if model_cfg.pooling == "multi_cls" and loss_type != "holistic" and model_cfg.branches > 1:
+        raise ValueError(f"loss type {loss_type!r} takes one embedding per image but model.branches is "
+                         f"{model_cfg.branches}: set model.branches 1 or loss.type holistic")
     wants_llip = loss_type in ("llip", "llip_infonce")
     if wants_llip != (model_cfg.pooling == "llip"):
         need = '"llip"' if wants_llip else 'one of "cls", "avg", "register"'
@@ -55,5 +73,6 @@ def build_task(model_cfg: ModelConfig, loss_type: str, rank: int = 0, world_size
             "the llip losses score text-conditioned image embeddings, the others one embedding per image"
         )
     loss = build_loss(loss_type, rank, world_size, tau=model_cfg.tau, literal_scorer=literal_scorer,
-                      chunk_size=chunk_size, group=group)
+                      chunk_size=chunk_size, group=group, multi_caption=multi_caption,
+                      diversity_weight=diversity_weight, diversity_margin=diversity_margin)
     return Task(LlipModel(model_cfg), loss, *LOSS_INITS[loss_type])
