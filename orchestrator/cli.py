@@ -11,9 +11,11 @@ from orchestrator.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS = {
+    "init": ("orchestrator.init_cli", "write a starter experiments/ folder inheriting the shipped defaults"),
     "validate": ("orchestrator.config_cli", "validate experiment YAML files against the schema"),
     "run": ("orchestrator.driver", "train one experiment on a Ray cluster (local by default)"),
     "sweep": ("orchestrator.sweep", "run the experiment's sweep: section with Ray Tune"),
+    "eval": ("orchestrator.evaluation", "zero-shot and retrieval on eval sets for a run or a checkpoint; logs to MLflow"),
     "compare": ("orchestrator.compare", "table of a sweep's trials from MLflow, sorted by its metric"),
     "submit": ("orchestrator.jobs", "submit a run or sweep to a remote Ray cluster as a Ray job"),
     "shards": ("orchestrator.shards", "write WebDataset shards (local or s3://) from a data source"),

@@ -31,7 +31,9 @@ class _Strict(BaseModel):
 class ModelSection(_Strict):
     size: str = "tiny"  # a named size from llip_core.config.SIZES
     # Fields below override the named size; None keeps the size's value.
-    pooling: Optional[Literal["llip", "cls", "avg", "register"]] = None
+    pooling: Optional[Literal["llip", "cls", "avg", "register", "multi_cls"]] = None
+    # Holistic CLIP's class tokens (pooling multi_cls); ignored by the other poolings. Default 1.
+    branches: Optional[int] = Field(None, ge=1)
     mixture_tokens: Optional[int] = Field(None, ge=1)
     cross_heads: Optional[int] = Field(None, ge=1)
     tau: Optional[float] = Field(None, gt=0)
@@ -53,17 +55,22 @@ class ModelSection(_Strict):
 
         fields = self.model_dump(exclude={"size"})
         if fields["pooling"] is None:
-            fields["pooling"] = "llip" if loss_type.startswith("llip") else "cls"
+            fields["pooling"] = ("llip" if loss_type.startswith("llip")
+                                 else "multi_cls" if loss_type == "holistic" else "cls")
         return model_config(self.size, **fields)
 
 
 class LossSection(_Strict):
     # clip: InfoNCE; siglip: sigmoid; llip: sigmoid over text-conditioned image embeddings;
-    # llip_infonce: the conditioned scores with InfoNCE (loss-type ablation).
-    type: Literal["clip", "siglip", "llip", "llip_infonce"] = "llip"
+    # llip_infonce: the conditioned scores with InfoNCE (loss-type ablation);
+    # holistic: Holistic CLIP's per-branch InfoNCE over M captions per image (model.pooling multi_cls).
+    type: Literal["clip", "siglip", "llip", "llip_infonce", "holistic"] = "llip"
     # The literal O(B^2 D) Llip scorer instead of the memory-efficient one (for checking only).
     literal_scorer: bool = False
     chunk_size: Optional[int] = Field(None, ge=1)  # images per chunk in the efficient Llip scorer; None: sized automatically
+    # holistic only: weight * max(mean cosine between an image's branches - margin, 0) (official: 1, 0.7)
+    diversity_weight: float = Field(1.0, ge=0)
+    diversity_margin: float = Field(0.7, ge=-1, le=1)
 
 
 class S3Section(_Strict):
@@ -83,6 +90,10 @@ class DataSection(_Strict):
     decode_cpus: float = Field(0.25, gt=0)  # CPUs reserved per decode task
     max_bad_fraction: float = Field(0.01, ge=0, le=1)  # above this fraction of skipped samples, fail
     augment: bool = True  # random resized crop + flip on training images
+    # one: each epoch draws one caption per sample (seeded) from its default list (see orchestrator/shards.py);
+    # all: every caption, in stored order, the first max_captions of them, padded, with a mask (holistic)
+    captions: Literal["one", "all"] = "one"
+    max_captions: int = Field(4, ge=1)
     s3: S3Section = Field(default_factory=S3Section)
 
 
@@ -136,6 +147,66 @@ class SchedulerSection(_Strict):
     reduction_factor: float = Field(2.0, gt=1)
 
 
+class CurationSection(_Strict):
+    """MetaCLIP curation of data.train (the raw pool): `llip curate FILE.yaml` writes the result to
+    `out`, and `llip run` then trains on `out`/train instead of data.train."""
+    metadata: str  # MetaCLIP-format JSON list of strings; `llip metadata build` makes one
+    t: int  # per-entry cap: entries matched by more than t pairs keep each with p = t / count
+    out: str  # curated shards, curation_stats.json and the count plot: local dir or s3://bucket/prefix
+    mode: Literal["offline", "online"] = "offline"  # offline: keep/drop once; online: store p, resample each epoch
+    seed: int = 0  # seeds the keep coins (hashed per sample, so independent of workers and blocks)
+    samples_per_shard: int = Field(256, ge=1)
+    concurrency: int = Field(1, ge=1)  # parallel matching tasks (each builds the automaton once)
+    task_cpus: float = Field(0.5, gt=0)  # CPUs reserved per matching task
+
+    @field_validator("t", mode="before")
+    @classmethod
+    def _t_positive(cls, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or v != int(v):
+            raise ValueError(f"t={v!r}: must be a positive whole number of pairs per entry "
+                             "(MetaCLIP: 20000 for 400M pairs); raise it")
+        return int(v)
+
+
+class EvalSetSection(_Strict):
+    path: str  # a folder or s3://bucket/prefix in clip_benchmark's wds layout (kind inferred from it)
+    name: Optional[str] = None  # metric prefix eval/<name>/...; None: from the folder name
+    split: str = "test"  # the <split>/ subfolder holding the .tar shards
+    max_samples: Optional[int] = Field(None, ge=1)  # evaluate the first N samples only (cheap curves)
+
+
+class EvalSection(_Strict):
+    # Sets evaluated every `every` steps and at the end, by rank 0; a bare string is a path.
+    sets: list[EvalSetSection] = Field(default_factory=list)
+    every: int = Field(0, ge=0)  # steps between evaluations, independent of log_every; 0: train.eval_every
+    # Llip zero-shot at each softmax temperature (the paper reports 1, 3, 5, 8, 10); None: the model's tau.
+    tau: Optional[list[float]] = None
+    recall_k: list[int] = Field(default_factory=lambda: [1, 5, 10])  # retrieval recall@k
+    batch_size: int = Field(256, ge=1)  # images (and texts) encoded at once
+
+    @field_validator("sets", mode="before")
+    @classmethod
+    def _paths_as_sets(cls, v):
+        return [{"path": s} if isinstance(s, str) else s for s in v] if isinstance(v, list) else v
+
+    @field_validator("tau")
+    @classmethod
+    def _tau_positive(cls, v):
+        if v is not None and (not v or any(t <= 0 for t in v)):
+            raise ValueError("eval.tau: a non-empty list of positive temperatures, e.g. [1, 3, 5, 8, 10]")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        from orchestrator.evalsets import default_name, safe_name
+
+        names = [safe_name(s.name) if s.name else default_name(s.path) for s in self.sets]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup:
+            raise ValueError(f"two eval sets are both named {dup!r}; give one a name: (metrics are eval/<name>/...)")
+        return self
+
+
 class SweepSection(_Strict):
     params: dict[str, SearchSpace]  # dotted config path -> space
     num_samples: int = Field(1, ge=1)
@@ -157,6 +228,8 @@ class ExperimentConfig(_Strict):
     mlflow: MlflowSection = Field(default_factory=MlflowSection)
     storage_path: str = "runs"  # local directory or s3://bucket/prefix for checkpoints
     sweep: Optional[SweepSection] = None
+    eval: EvalSection = Field(default_factory=EvalSection)  # zero-shot / retrieval sets (orchestrator/evaluation.py)
+    curation: Optional[CurationSection] = None  # MetaCLIP curation of data.train (llip curate)
 
     @field_validator("name")
     @classmethod
@@ -171,6 +244,12 @@ class ExperimentConfig(_Strict):
         if self.loss.type.startswith("llip") and m.pooling != "llip":
             raise ValueError(f"loss.type {self.loss.type!r} needs model.pooling llip (got {m.pooling!r}); "
                              "leave model.pooling unset to follow the loss type")
+        if self.loss.type == "holistic" and m.pooling != "multi_cls":
+            raise ValueError(f"loss.type holistic needs model.pooling multi_cls (got {m.pooling!r}); "
+                             "leave model.pooling unset to follow the loss type")
+        if m.pooling == "multi_cls" and m.branches > 1 and self.loss.type != "holistic":
+            raise ValueError(f"loss.type {self.loss.type!r} takes one embedding per image but model.branches is "
+                             f"{m.branches}; set model.branches 1 or loss.type holistic")
         if not self.loss.type.startswith("llip") and m.pooling == "llip":
             raise ValueError(f"model.pooling llip needs loss.type llip or llip_infonce (got {self.loss.type!r}); "
                              "leave model.pooling unset to follow the loss type")
@@ -181,6 +260,16 @@ class ExperimentConfig(_Strict):
         return self
 
     # -- helpers -------------------------------------------------------------------------------
+    def eval_interval(self) -> int:
+        """Steps between evaluations (data.eval and eval.sets); 0: at the end only."""
+        return self.eval.every or self.train.eval_every
+
+    def train_location(self) -> str:
+        """The shards training reads: the curated ones when a curation: section is set."""
+        if self.curation is not None:
+            return self.curation.out.rstrip("/") + "/train"
+        return self.data.train
+
     def resolved_model(self):
         return self.model.resolve(self.loss.type)
 
@@ -255,8 +344,36 @@ def load_raw(path: str | Path, _seen: tuple = ()) -> dict:
     if base is not None:
         if not isinstance(base, str):
             raise ConfigError(f"{path}: base: must be a file name")
-        raw = _deep_merge(load_raw(path.parent / base, _seen + (path.resolve(),)), raw)
+        raw = _deep_merge(load_raw(_base_path(path, base), _seen + (path.resolve(),)), raw)
     return raw
+
+
+PACKAGED = "llip:"
+
+
+def packaged_experiments() -> Path:
+    """The folder of the experiments shipped with llip-orch (experiments/ in the repository)."""
+    import importlib.util
+
+    # A namespace package (experiments/ has no __init__.py): take its folder from the spec, which
+    # works for regular and editable installs alike (importlib.resources trips on the latter).
+    spec = importlib.util.find_spec("llip_experiments")
+    for loc in (spec.submodule_search_locations if spec else None) or []:
+        if Path(loc).is_dir():
+            return Path(loc)
+    raise ConfigError("the shipped experiments (package llip_experiments) are missing; reinstall llip-orch")
+
+
+def _base_path(path: Path, base: str) -> Path:
+    """`base: other.yaml` is relative to the file naming it; `base: llip:base.yaml` names a shipped one."""
+    if base.startswith(PACKAGED):
+        name = base[len(PACKAGED):]
+        found = packaged_experiments() / name
+        if not found.is_file():
+            shipped = ", ".join(sorted(p.name for p in packaged_experiments().glob("*.yaml")))
+            raise ConfigError(f"{path}: base: {base}: llip-orch ships no {name!r} (it ships {shipped})")
+        return found
+    return path.parent / base
 
 
 def parse_config(raw: dict, source: str = "<config>") -> ExperimentConfig:

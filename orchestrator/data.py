@@ -260,6 +260,32 @@ def _captions(txt: Optional[bytes], js: Optional[bytes]) -> list[str]:
     return []
 
 
+def default_captions(caps: list[str], js: Optional[bytes]) -> list[str]:
+    """The captions the one-caption draw picks from: the json's "default" indices into its "captions"
+    (so the emoji source's group/subgroup perspectives do not change the demo's task), else all."""
+    if js is None:
+        return caps
+    try:
+        obj = json.loads(js)
+        idx, raw = obj.get("default"), obj.get("captions")
+        pool = [str(raw[j]).strip() for j in idx if isinstance(j, int) and 0 <= j < len(raw) and raw[j] is not None]
+        pool = [c for c in pool if c]
+    except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
+        return caps
+    return pool or caps
+
+
+def caption_slots(per_sample: list[list[str]], slots: int) -> tuple[list[str], np.ndarray]:
+    """Several captions per sample -> a flat image-major list of n * slots captions ("" in padded slots,
+    which tokenizes to start/end tokens only) and the (n, slots) bool mask of the real ones."""
+    flat, mask = [], np.zeros((len(per_sample), slots), dtype=bool)
+    for i, caps in enumerate(per_sample):
+        caps = caps[:slots]
+        mask[i, : len(caps)] = True
+        flat += caps + [""] * (slots - len(caps))
+    return flat, mask
+
+
 def encode_captions(captions: list[str], width: int = CAPTION_BYTES) -> np.ndarray:
     out = np.zeros((len(captions), width), dtype=np.uint8)
     for i, c in enumerate(captions):
@@ -294,6 +320,13 @@ class Decoder:
     seed: int
     stats: Optional[DataStats]
     with_caption: bool = False
+    # "one": each epoch draws one caption per sample (seeded) from its default list; "all": the first
+    # max_captions captions in stored order as tokens (n, max_captions, L) plus "caption_mask" (n, M)
+    captions: str = "one"
+    max_captions: int = 1
+    # Online MetaCLIP curation: keep each sample this epoch with the keep_prob `llip curate` stored
+    # in its json (coins hashed from this seed, the sample and the epoch); None: keep everything.
+    curation_seed: Optional[int] = None
 
     def __call__(self, batch: dict) -> dict:
         from llip_core.preprocess import CorruptImageError, load_rgb, normalize, transform
@@ -323,7 +356,11 @@ class Decoder:
                 counts["data/skipped"] += 1
                 continue
             sid = sample_id(str(batch["url"][i]), str(batch["key"][i]))
-            rng = np.random.default_rng([sid, epoch, self.seed]) if self.augment or len(caps) > 1 else None
+            if self.curation_seed is not None and not _kept_online(batch["json"][i], sid, self.curation_seed, epoch):
+                counts["data/curated_out"] = counts.get("data/curated_out", 0) + 1  # not bad data: not "skipped"
+                continue
+            pool = default_captions(caps, batch["json"][i])
+            rng = np.random.default_rng([sid, epoch, self.seed]) if self.augment or len(pool) > 1 else None
             try:
                 img = load_rgb(bytes(data), draft_size=self.image_size)
                 images[m] = transform(img, self.image_size, rng, self.augment)
@@ -331,20 +368,39 @@ class Decoder:
                 counts["data/skipped_corrupt_image"] += 1
                 counts["data/skipped"] += 1
                 continue
-            chosen.append(caps[int(rng.integers(len(caps)))] if len(caps) > 1 and not self.with_caption else caps[0])
+            if self.captions == "all" and not self.with_caption:
+                chosen.append(caps[: self.max_captions])
+            else:
+                chosen.append(pool[int(rng.integers(len(pool)))] if len(pool) > 1 and not self.with_caption else caps[0])
             ids.append(sid)
             m += 1
         if self.stats is not None:
             self.stats.add({k: v for k, v in counts.items() if v})
         tok = WordHashTokenizer(self.vocab_size, self.context_length)
+        multi = self.captions == "all" and not self.with_caption
+        if multi:
+            chosen, mask = caption_slots(chosen, self.max_captions)
         out = {
             "image": normalize(images[:m]),
             "tokens": tok(chosen) if chosen else np.zeros((0, self.context_length), dtype=np.int64),
             "sample_id": np.asarray(ids, dtype=np.int64),
         }
+        if multi:
+            out["tokens"] = out["tokens"].reshape(m, self.max_captions, out["tokens"].shape[-1])
+            out["caption_mask"] = mask
         if self.with_caption:
             out["caption"] = encode_captions(chosen)
         return out
+
+
+def _kept_online(js: Optional[bytes], sid: int, seed: int, epoch: int) -> bool:
+    from llip_core.curation import sample_epoch
+
+    try:
+        p = float(json.loads(js)["keep_prob"])
+    except (TypeError, ValueError, KeyError):
+        return True  # not written by online curation: nothing to resample
+    return bool(sample_epoch(np.asarray([sid]), np.asarray([p]), seed, epoch)[0])
 
 
 def decode_batch_rows(image_size: int) -> int:
@@ -381,7 +437,8 @@ def build_datasets(cfg: "ExperimentConfig") -> tuple[dict[str, "ray.data.Dataset
     shared bad-data counters. Nothing runs until a trainer iterates."""
     m = cfg.model.resolve()
     d = cfg.data
-    locations = {TRAIN: d.train, **({EVAL: d.eval} if d.eval else {})}
+    locations = {TRAIN: cfg.train_location(), **({EVAL: d.eval} if d.eval else {})}
+    online = cfg.curation is not None and cfg.curation.mode == "online"
     resolved = {name: resolve_shards(loc, d.s3, f"data.{name}") for name, loc in locations.items()}
     stats = DataStats.create()
     datasets = {}
@@ -389,7 +446,8 @@ def build_datasets(cfg: "ExperimentConfig") -> tuple[dict[str, "ray.data.Dataset
         is_train = name == TRAIN
         dec = Decoder(image_size=m.image_size, vocab_size=m.vocab_size, context_length=m.context_length,
                       augment=d.augment and is_train, seed=cfg.seed, stats=stats if is_train else None,
-                      with_caption=not is_train)
+                      with_caption=not is_train, captions=d.captions, max_captions=d.max_captions,
+                      curation_seed=cfg.curation.seed if online and is_train else None)
         datasets[name] = pipeline(paths, fs, dec, shuffle_seed=cfg.seed if is_train else None,
                                   concurrency=d.decode_concurrency, num_cpus=d.decode_cpus)
     return datasets, stats
@@ -408,9 +466,14 @@ def manifest_tags(cfg: "ExperimentConfig") -> dict[str, str]:
     from orchestrator import s3
     from orchestrator.shards import read_manifest
 
-    train = cfg.data.train.rstrip("/")
+    train = cfg.train_location().rstrip("/")
     root = train.rsplit("/", 1)[0] if train.endswith("/" + TRAIN) else train
-    tags = {"llip.data_train": cfg.data.train}
+    tags = {"llip.data_train": cfg.train_location()}
+    if cfg.curation is not None:  # the run leads back to its curation run and inputs
+        from orchestrator.curate import provenance, provenance_tags
+
+        tags.update(provenance_tags(provenance(cfg)))
+        tags["llip.curation.source"] = cfg.data.train
     man = read_manifest(root, cfg.data.s3)
     if man and man.get("fingerprint"):
         tags["llip.data_manifest"] = str(man["fingerprint"])
@@ -422,8 +485,10 @@ def manifest_tags(cfg: "ExperimentConfig") -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 # training-worker side
 # --------------------------------------------------------------------------------------------
-def iter_train_batches(shard, local_batch_size: int, shuffle_buffer: int, epoch_seed: int):
-    """One epoch of this worker's part of "train" as torch batches {"image", "tokens", "sample_id"}.
+def iter_train_batches(shard, local_batch_size: int, shuffle_buffer: int, epoch_seed: int,
+                       multi_caption: bool = False):
+    """One epoch of this worker's part of "train" as torch batches {"image", "tokens", "sample_id"}
+    (and "caption_mask" with multi_caption: tokens are then (B, M, L), data.captions: all).
 
     `shard` is `ray.train.get_dataset_shard("train")`. drop_last keeps ranks in lockstep; the
     local shuffle buffer mixes samples across the (already reshuffled) shards, seeded per epoch."""
@@ -435,6 +500,7 @@ def iter_train_batches(shard, local_batch_size: int, shuffle_buffer: int, epoch_
         drop_last=True,
         local_shuffle_buffer_size=buf,
         local_shuffle_seed=epoch_seed if buf else None,
-        dtypes={"image": torch.float32, "tokens": torch.int64, "sample_id": torch.int64},
+        dtypes={"image": torch.float32, "tokens": torch.int64, "sample_id": torch.int64,
+                **({"caption_mask": torch.bool} if multi_caption else {})},
         prefetch_batches=2,
     )

@@ -61,7 +61,11 @@ def preflight(cfg: ExperimentConfig) -> None:
     from orchestrator.data import resolve_shards
 
     d = cfg.data
-    for name, loc in (("train", d.train), ("eval", d.eval)):
+    if cfg.curation is not None:  # curated shards exist and match the config's curation: settings
+        from orchestrator.curate import provenance
+
+        provenance(cfg)
+    for name, loc in (("train", cfg.train_location()), ("eval", d.eval)):
         if loc:
             resolve_shards(loc, d.s3, f"data.{name}")
     uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
