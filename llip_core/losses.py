@@ -362,11 +362,15 @@ LOSS_TYPES = ("clip", "siglip", "llip", "llip_infonce", "holistic")
 # (initial log logit scale, initial logit bias or None): DESIGN.md section 2
 LOSS_INITS = {
     "clip": (math.log(1 / 0.07), None),
-    "siglip": (math.log(10.0), -10.0),
+    # open_clip's SigLIP configs and Llip's own SigLIP baseline; the SigLIP paper's init is
+    # SIGLIP_INITS["siglip_paper"] (loss.siglip_init in the YAML)
+    "siglip": (math.log(1 / 0.07), -10.0),
     "llip": (math.log(1 / 0.07), -10.0),
     "llip_infonce": (math.log(1 / 0.07), None),
     "holistic": (math.log(1 / 0.07), None),  # CLIP's InfoNCE per branch
 }
+# the sigmoid baseline's init, by name: open_clip/Llip keep CLIP's scale; the SigLIP paper starts at 10
+SIGLIP_INITS = {"open_clip": (math.log(1 / 0.07), -10.0), "siglip_paper": (math.log(10.0), -10.0)}
 
 
 def build_loss(loss_type: str, rank: int = 0, world_size: int = 1, tau: float = 5.0,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llip_core.config import ModelConfig
-from llip_core.tokenizer import eot_positions
+from llip_core.tokenizer import eot_id, eot_positions
 
 
 class QuickGELU(nn.Module):
@@ -106,6 +106,7 @@ class LlipModel(nn.Module):
         self.cfg = cfg
         self.pooling = cfg.pooling
         self.tau = cfg.tau
+        self.eot_id = eot_id(cfg.tokenizer, cfg.vocab)
         D = cfg.embed_dim
         n_tok = cfg.num_image_tokens
         grid = cfg.image_size // cfg.patch_size
@@ -209,7 +210,7 @@ class LlipModel(nn.Module):
         x = self.token_embedding(tokens) + self.text_positional_embedding[: tokens.shape[1]]
         x = self.ln_final(self.text(x))
         # pool at the first EOT, not argmax of ids: our tokenizer's EOT id (2) is not the largest id
-        h = x[torch.arange(x.shape[0], device=x.device), eot_positions(tokens)]
+        h = x[torch.arange(x.shape[0], device=x.device), eot_positions(tokens, self.eot_id)]
         out = {"text_emb": F.normalize(h @ self.text_projection.to(h.dtype), dim=-1)}
         if self.pooling == "llip":
             out["queries"] = self.q_norm(h @ self.q_proj.to(h.dtype)).view(h.shape[0], self.cfg.cross_heads, -1)

@@ -6,25 +6,23 @@ import math
 import torch
 from torch import nn
 
+# open_clip's `main.py` rule, which Llip's official code keeps: a parameter is exempt from weight
+# decay when it has fewer than 2 dimensions or its name holds one of these. 2-D mixture/class tokens
+# and positional embeddings are therefore decayed.
+NO_DECAY_NAME_PARTS = ("bn", "ln", "bias", "logit_scale")
 
-def _no_decay_names(module: nn.Module) -> set[str]:
-    """Full names of >= 2-D parameters declared decay-free by a submodule's `no_weight_decay()`."""
-    names = set()
-    for prefix, m in module.named_modules():
-        if hasattr(m, "no_weight_decay"):
-            names |= {f"{prefix}.{n}" if prefix else n for n in m.no_weight_decay()}
-    return names
+
+def decay_exempt(name: str, p: torch.Tensor) -> bool:
+    return p.ndim < 2 or any(part in name for part in NO_DECAY_NAME_PARTS)
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay >= 2-D weights only: not mixture/class tokens, positional embeddings, biases, norms,
-    the logit scale or bias (all 0-/1-D, or named by the model's `no_weight_decay`)."""
-    skip = _no_decay_names(module)
+    """[decayed, exempt] parameter groups under `decay_exempt`."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and name not in skip else no_decay).append(p)
+        (no_decay if decay_exempt(name, p) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -308,12 +308,20 @@ def _pad(rows: list[list[int]], context_length: int) -> np.ndarray:
     return out
 
 
-def eot_positions(tokens) -> "np.ndarray":
-    """Index of the first EOT in each row, for any tokenizer here (numpy arrays or torch tensors).
+def eot_id(tokenizer: str, vocab: str) -> int:
+    """The EOT id a model sees: CLIP's 49407 with the full BPE vocabulary, else 2 (word hash, compact)."""
+    return CLIP_EOT if tokenizer == "clip_bpe" and vocab == "full" else EOT
 
-    Every tokenizer pads with 0 and ends a row with its EOT, so the last non-zero entry holds the
-    row's EOT id; its first occurrence is where open_clip pools (argmax of ids finds the first EOT,
-    CLIP's largest id). Word-hash and compact EOT (2) are not the largest id, hence no argmax here."""
+
+def eot_positions(tokens, eot: Optional[int] = None) -> "np.ndarray":
+    """Index of the first EOT in each row (numpy arrays or torch tensors), where open_clip pools
+    (its argmax of ids finds the first EOT, CLIP's largest id; word-hash and compact EOT, 2, is not
+    the largest id, hence no argmax here).
+
+    `eot`: the EOT id (`eot_id`); None infers it per row: every tokenizer here pads with 0 and ends a
+    row with its EOT, so the last non-zero entry holds it."""
+    if eot is not None:
+        return (tokens == eot).int().argmax(-1) if hasattr(tokens, "int") else (np.asarray(tokens) == eot).argmax(-1)
     if hasattr(tokens, "int"):  # torch
         import torch
 

@@ -100,8 +100,12 @@ def test_loss_matches_formula(loss_type, literal):
 
 def test_task_inits_and_clamp():
     cfg = SIZES["micro"]
-    t = build_task(cfg.replace(pooling="cls"), "siglip")
+    t = build_task(cfg.replace(pooling="cls"), "siglip")  # open_clip / Llip's SigLIP baseline
+    assert t.logit_scale_value() == pytest.approx(1 / 0.07) and float(t.logit_bias.detach()) == -10.0
+    t = build_task(cfg.replace(pooling="cls"), "siglip", siglip_init="siglip_paper")
     assert t.logit_scale_value() == pytest.approx(10.0) and float(t.logit_bias.detach()) == -10.0
+    with pytest.raises(ValueError, match="unknown siglip_init 'paper'"):
+        build_task(cfg.replace(pooling="cls"), "siglip", siglip_init="paper")
     t = build_task(cfg, "llip")
     assert t.logit_scale_value() == pytest.approx(1 / 0.07) and float(t.logit_bias.detach()) == -10.0
     t = build_task(cfg.replace(pooling="cls"), "clip")
@@ -129,20 +133,40 @@ def test_unknown_loss_type():
 
 
 def test_param_groups_decay_rule():
-    t = build_task(SIZES["micro"], "llip")
+    """open_clip's main.py rule: exempt iff ndim < 2 or the name holds bn/ln/bias/logit_scale."""
+    t = build_task(SIZES["micro"].replace(kqv_norm=True), "llip")
     decay, no_decay = param_groups(t, 0.2)
-    ids = lambda ps: {id(p) for p in ps}
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
     named = dict(t.named_parameters())
-    for name in ["model.mixture_tokens", "model.positional_embedding", "model.text_positional_embedding",
-                 "logit_scale", "logit_bias", "model.ln_post.weight", "model.visual.resblocks.0.attn.in_proj.bias"]:
+    for name in ["logit_scale", "logit_bias", "model.ln_post.weight", "model.k_norm.weight", "model.q_norm.bias",
+                 "model.visual.resblocks.0.attn.in_proj.bias", "model.visual.resblocks.0.ln_1.weight"]:
         assert id(named[name]) in ids(no_decay["params"]), name
-    for name in ["model.k_proj", "model.v_proj", "model.q_proj", "model.out_proj", "model.text_projection",
+    # 2-D tokens and positional embeddings ARE decayed (DESIGN.md once said otherwise)
+    for name in ["model.mixture_tokens", "model.positional_embedding", "model.text_positional_embedding",
+                 "model.k_proj", "model.v_proj", "model.q_proj", "model.out_proj", "model.text_projection",
                  "model.conv1.weight", "model.visual.resblocks.0.mlp.c_fc.weight", "model.token_embedding.weight"]:
         assert id(named[name]) in ids(decay["params"]), name
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(named)
+    # the rule, independently: by dimension and by name part, over every parameter of the task
+    want = {n for n, p in named.items() if p.ndim < 2 or any(k in n for k in ("bn", "ln", "bias", "logit_scale"))}
+    assert ids(no_decay["params"]) == {id(named[n]) for n in want}
     cls = build_task(SIZES["micro"].replace(pooling="cls"), "clip")
-    assert id(cls.model.class_embedding) in ids(param_groups(cls, 0.2)[1]["params"])
+    assert id(cls.model.class_embedding) in ids(param_groups(cls, 0.2)[0]["params"])
+
+    class Odd(torch.nn.Module):  # >= 2-D tensors exempted by name alone, and a 1-D one by its shape
+        def __init__(self):
+            super().__init__()
+            self.bn_table, self.some_bias_matrix = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2, 2))
+            self.ln_gain, self.logit_scale_per_head = torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(4, 1))
+            self.weight, self.vector = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(3))
+            self.frozen = torch.nn.Parameter(torch.ones(2, 2), requires_grad=False)
+
+    odd = Odd()
+    d, nd = param_groups(odd, 0.1)
+    assert ids(d["params"]) == {id(odd.weight)}
+    assert ids(nd["params"]) == {id(odd.bn_table), id(odd.some_bias_matrix), id(odd.ln_gain),
+                                 id(odd.logit_scale_per_head), id(odd.vector)}
     opt = build_optimizer(t, 5e-4, (0.9, 0.95), 1e-6, 0.2)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.95)
 
