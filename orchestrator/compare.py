@@ -122,7 +122,9 @@ def compare(c, target: str, metric: Optional[str] = None, mode: Optional[str] = 
     sign = -1.0 if mode == "max" else 1.0
     rows.sort(key=lambda row: (0, sign * row["metric"]) if _finite(row["metric"]) else (1, 0.0))
     if runs and not any(_finite(row["metric"]) for row in rows):
-        notes.append(f"no run reported {metric!r}; pick another with --metric")
+        have = sorted({k for r in runs for k in r.data.metrics if k.startswith("eval/")})
+        notes.append(f"no run reported {metric!r}; pick another with --metric"
+                     + (f" (eval metrics logged: {', '.join(have[:30])}{' ...' if len(have) > 30 else ''})" if have else ""))
     return Comparison(metric=metric, mode=mode, swept=swept, rows=rows, parent=parent, experiment=exp_name,
                       notes=notes)
 

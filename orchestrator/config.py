@@ -46,8 +46,23 @@ class ModelSection(_Strict):
     text_layers: Optional[int] = Field(None, ge=1)
     text_heads: Optional[int] = Field(None, ge=1)
     context_length: Optional[int] = Field(None, ge=3)
-    vocab_size: Optional[int] = Field(None, ge=16)
+    vocab_size: Optional[int] = Field(None, ge=16)  # with vocab compact: set from the training shards at launch
     embed_dim: Optional[int] = Field(None, ge=8)
+    # clip_bpe: CLIP's BPE, ids as open_clip's tokenize (every named size); word_hash: vocab_size hash buckets
+    tokenizer: Optional[str] = None
+    # full: the tokenizer's whole id range; compact: only ids seen in the training captions (tiny sizes)
+    vocab: Optional[Literal["full", "compact"]] = None
+    activation: Optional[Literal["quick_gelu", "gelu"]] = None  # quick_gelu as in every released Llip config
+    kqv_norm: Optional[bool] = None  # LayerNorm on Llip keys/values/queries (released H/14, G/14)
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _known_tokenizer(cls, v):
+        from llip_core.tokenizer import TOKENIZERS
+
+        if v is not None and v not in TOKENIZERS:
+            raise ValueError(f"unknown tokenizer {v!r}; choose one of {', '.join(TOKENIZERS)}")
+        return v
 
     def resolve(self, loss_type: str = "llip"):
         """The llip_core ModelConfig; pooling, when not given, follows the loss type."""
@@ -71,6 +86,9 @@ class LossSection(_Strict):
     # holistic only: weight * max(mean cosine between an image's branches - margin, 0) (official: 1, 0.7)
     diversity_weight: float = Field(1.0, ge=0)
     diversity_margin: float = Field(0.7, ge=-1, le=1)
+    # siglip only: open_clip: scale 1/0.07, bias -10 (open_clip's SigLIP configs, Llip's baseline);
+    # siglip_paper: scale 10, bias -10 (the SigLIP paper)
+    siglip_init: Literal["open_clip", "siglip_paper"] = "open_clip"
 
 
 class S3Section(_Strict):
@@ -89,7 +107,8 @@ class DataSection(_Strict):
     decode_concurrency: int = Field(1, ge=1)  # parallel map_batches tasks for decode/augment/tokenize
     decode_cpus: float = Field(0.25, gt=0)  # CPUs reserved per decode task
     max_bad_fraction: float = Field(0.01, ge=0, le=1)  # above this fraction of skipped samples, fail
-    augment: bool = True  # random resized crop + flip on training images
+    augment: bool = True  # random resized crop on training images (open_clip's, scale 0.9-1)
+    hflip: bool = False  # also flip half the views, never one whose captions say left/right/...; open_clip: off
     # one: each epoch draws one caption per sample (seeded) from its default list (see orchestrator/shards.py);
     # all: every caption, in stored order, the first max_captions of them, padded, with a mask (holistic)
     captions: Literal["one", "all"] = "one"

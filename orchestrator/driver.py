@@ -53,7 +53,7 @@ def cli(args) -> int:
     return 0
 
 
-def preflight(cfg: ExperimentConfig) -> None:
+def preflight(cfg: ExperimentConfig) -> list[dict]:
     """Every check that needs no cluster, before Ray starts (starting Ray costs ~10 s here, and a
     typo in a path should not): shard locations (local, or S3 reachability and listing) and the
     MLflow tracking store."""
@@ -73,6 +73,10 @@ def preflight(cfg: ExperimentConfig) -> None:
         tracking.experiment_id(tracking.client(uri), cfg.mlflow.experiment or cfg.name)
     except Exception as e:
         raise UserError(f"MLflow tracking store {uri} is not usable ({type(e).__name__}); check MLFLOW_TRACKING_URI") from None
+    # Eval sets: layout, class names, label range and readable samples, checked before training.
+    from orchestrator.evaluation import preflight as eval_preflight
+
+    return eval_preflight(cfg)
 
 
 def init_ray() -> None:
@@ -133,7 +137,7 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
     TuneReportCallback here so Tune sees the trial's metrics). `data_cpu_limit`: cap on the CPUs
     this run's Ray Data pipeline may hold (a sweep gives each trial its share; unset, Ray Data
     takes every free CPU and concurrent trials wait for it)."""
-    preflight(cfg)  # before importing Ray Train, which alone takes seconds
+    eval_sets = preflight(cfg)  # before importing Ray Train, which alone takes seconds
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -141,10 +145,16 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
     from orchestrator.train import train_loop_per_worker
 
     init_ray()
-    datasets, stats = build_datasets(cfg)  # preflight: fails in one line before any MLflow run exists
+    from orchestrator.tokenization import resolve as resolve_tokenizer
+
+    # once per run: the compact vocabulary from the training captions, or a relaunch's checkpoint's
+    cfg, tokenizer = resolve_tokenizer(cfg, run_name)
+    datasets, stats = build_datasets(cfg, tokenizer)  # preflight: fails in one line before any MLflow run exists
+    datasets.pop("eval", None)  # rank 0 reads data.eval itself, with the other eval sets (evaluation.py)
     c, uri, run_id, run_name, resumed = start_mlflow_run(
         cfg, run_name, parent_run_id, {**manifest_tags(cfg), **(tags or {})})
     print(f"[llip] {'resuming' if resumed else 'starting'} run {run_name} (MLflow run {run_id} in {uri})", flush=True)
+    c.log_dict(run_id, tokenizer, "config/tokenizer.json")  # what evaluation of this run must tokenize with
 
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
@@ -156,6 +166,8 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
             "mlflow_run_id": run_id,
             "tracking_uri": uri,
             "data_stats": stats,
+            "eval_sets": eval_sets,
+            "tokenizer_spec": tokenizer,
         },
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
@@ -193,7 +205,7 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
     ckpt = result.checkpoint.path if result.checkpoint else None
     if ckpt:
         c.set_tag(run_id, "llip.checkpoint", ckpt)
-    _log_curves(c, run_id)
+    _log_curves(c, run_id, dict(result.metrics or {}))
     _log_final_table(c, run_id, dict(result.metrics or {}))
     c.set_terminated(run_id, status="FINISHED")
     return RunResult(run_id=run_id, run_name=run_name, tracking_uri=uri, metrics=dict(result.metrics or {}),
@@ -262,12 +274,14 @@ def _log_final_table(c, run_id: str, metrics: dict[str, Any]) -> None:
     c.log_text(run_id, f"| metric | value |\n|---|---|\n{rows}\n", "eval/final.md")
 
 
-def _log_curves(c, run_id: str) -> None:
+def _log_curves(c, run_id: str, final: Optional[dict] = None) -> None:
     """Loss and eval curves as one PNG artifact, so the MLflow UI shows them next to the run."""
     from orchestrator.plots import plot_run_curves
 
     try:
-        plot_run_curves(c, run_id)
+        from orchestrator.evaluation import curve_keys
+
+        plot_run_curves(c, run_id, tuple(curve_keys(final or {})))
     except Exception as e:  # a plot must never fail a finished run
         print(f"[llip] warning: could not plot curves: {e}", flush=True)
 
@@ -286,7 +300,13 @@ def print_summary(cfg: ExperimentConfig, r: RunResult) -> None:
         if k in m:
             rows.append((f"held-out {label}", f"{100 * m[k]:.2f}%"))
     if n_eval:
-        rows.append(("chance R@1 / R@5", f"{100 / n_eval:.2f}% / {500 / n_eval:.2f}% ({int(n_eval)} held-out pairs)"))
+        rows.append(("chance text->image R@1 / R@5",
+                     f"{100 / n_eval:.2f}% / {500 / n_eval:.2f}% ({int(n_eval)} held-out images)"))
+    for k in sorted(m):  # eval.sets: each set's headline figures (all of them: eval/final.md)
+        parts = k.split("/")
+        if len(parts) == 3 and parts[0] == "eval" and (parts[2] in ("recall1", "recall5", "top1", "top5")
+                                                       or parts[2].startswith("top1_tau")):
+            rows.append((f"{parts[1]} {parts[2]}", f"{100 * m[k]:.2f}%"))
     rows += [("checkpoint", r.checkpoint or "-"), ("MLflow store", r.tracking_uri), ("MLflow run id", r.run_id)]
     w = max(len(a) for a, _ in rows)
     print()

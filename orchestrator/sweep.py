@@ -89,9 +89,9 @@ def check_sweep(cfg: ExperimentConfig) -> None:
                 cfg.with_overrides({path: lo})
             except UserError as e:
                 raise UserError(f"sweep.params.{path}: {e}") from None
-    if sw.scheduler is not None and sw.metric.startswith("eval/") and cfg.train.eval_every == 0:
-        raise UserError(f"sweep.scheduler needs {sw.metric} during training but train.eval_every is 0 (end only); "
-                        "set train.eval_every (e.g. 50) or sweep.metric: train/loss with mode: min")
+    if sw.scheduler is not None and sw.metric.startswith("eval/") and cfg.eval_interval() == 0:
+        raise UserError(f"sweep.scheduler needs {sw.metric} during training but train.eval_every is 0 and so is "
+                        "eval.every (end only); set eval.every (e.g. 50) or sweep.metric: train/loss with mode: min")
 
 
 # -- resources -----------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def run_sweep(cfg: ExperimentConfig, max_concurrent_trials: Optional[int] = None
         if sw.scheduler is not None:
             from ray.tune.schedulers import ASHAScheduler
 
-            every = cfg.train.eval_every if sw.metric.startswith("eval/") else cfg.train.log_every
+            every = cfg.eval_interval() if sw.metric.startswith("eval/") else cfg.train.log_every
             # stop_last_trials=False: a trial that survives every rung ends by itself, so its run
             # is closed FINISHED by run_experiment instead of being cut off at its final report.
             scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.steps, grace_period=sw.scheduler.grace_period * every,

@@ -6,6 +6,7 @@ to report). Rank 0 alone writes metrics to MLflow and checkpoints to the run's s
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -23,6 +24,11 @@ def _save_checkpoint(state: dict[str, Any]):
 
     d = tempfile.mkdtemp(prefix="llip-ckpt-")
     torch.save(state, os.path.join(d, CKPT_FILE))
+    if state.get("tokenizer") is not None:  # the driver reads it on relaunch without loading the state
+        from orchestrator.tokenization import TOKENIZER_FILE
+
+        with open(os.path.join(d, TOKENIZER_FILE), "w") as f:
+            json.dump(state["tokenizer"], f)
     return ray.train.Checkpoint.from_directory(d)
 
 
@@ -62,26 +68,6 @@ def _all_reduce_mean(values: list[float], world: int) -> list[float]:
     return (t / world).tolist()
 
 
-def evaluate(core, dataset_shard, device, batch_size: int = 256) -> dict[str, float]:
-    """Held-out retrieval (image<->text recall@k) through llip_core, for every model type."""
-    from llip_core.evaluate import retrieval_recall
-
-    images, tokens = [], []
-    for batch in dataset_shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        # Ray hands out read-only arrays: copy before torch.from_numpy
-        images.append(torch.from_numpy(batch["image"].astype("float32", copy=True)))
-        tokens.append(torch.from_numpy(batch["tokens"].astype("int64", copy=True)))
-    if not images:
-        return {}
-    core.eval()
-    out = retrieval_recall(core.model, torch.cat(images).to(device), torch.cat(tokens).to(device))
-    core.train()
-    # MLflow metric names may not contain "@": i2t_r@1 -> eval/i2t_recall1, r@1 -> eval/recall1
-    out = {"eval/" + k.replace("r@", "recall"): float(v) for k, v in out.items()}
-    out["eval/num_samples"] = float(sum(len(x) for x in images))
-    return out
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -107,12 +93,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     core = build_task(
         cfg.resolved_model(), cfg.loss.type, rank=rank, world_size=world,
         literal_scorer=cfg.loss.literal_scorer, chunk_size=cfg.loss.chunk_size,
+        multi_caption=cfg.data.captions == "all", diversity_weight=cfg.loss.diversity_weight,
+        diversity_margin=cfg.loss.diversity_margin, siglip_init=cfg.loss.siglip_init,
     ).to(device)
     optimizer = build_optimizer(core, cfg.train.lr, cfg.train.betas, cfg.train.eps, cfg.train.weight_decay)
 
     step, epoch = 0, 0
     state = _load_checkpoint(cfg)
     if state is not None:
+        if state.get("tokenizer") is not None and config.get("tokenizer_spec") is not None:
+            from orchestrator.tokenization import check_same_tokenizer
+
+            check_same_tokenizer(state["tokenizer"], config["tokenizer_spec"], "the checkpoint")
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, epoch = state["step"], state["epoch"]
@@ -124,7 +116,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stats = config.get("data_stats")
     local_bs = cfg.data.batch_size // world
     shard = ray.train.get_dataset_shard("train")
-    eval_shard = ray.train.get_dataset_shard("eval") if cfg.data.eval else None
+    # Eval sets (data.eval and eval.sets, preflighted by the driver) are decoded once, on rank 0 only:
+    # the other ranks wait for it at the next collective, so an evaluation stalls training by its own
+    # duration and no more. Every rank knows when one is due, so all report on that step together.
+    from orchestrator.evaluation import runner_for
+
+    eval_sets = config.get("eval_sets") or []
+    evaluator = runner_for(cfg, eval_sets, config.get("tokenizer_spec"), device) if rank == 0 else None
+    eval_every = cfg.eval_interval()
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
@@ -132,7 +131,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if with_checkpoint and rank == 0:
             ckpt = _save_checkpoint({
                 "model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                "config": config["experiment"],
+                "config": config["experiment"], "tokenizer": config.get("tokenizer_spec"),
             })
         if logger is not None:
             logger.log(metrics, step)
@@ -142,15 +141,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     done = step >= cfg.train.steps
     while not done:
         saw_batch = False
-        for batch in iter_train_batches(shard, local_bs, cfg.data.shuffle_buffer, epoch_seed=cfg.seed * 100003 + epoch):
+        for batch in iter_train_batches(shard, local_bs, cfg.data.shuffle_buffer, epoch_seed=cfg.seed * 100003 + epoch,
+                                        multi_caption=cfg.data.captions == "all"):
             saw_batch = True
             lr = cosine_lr(step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             images = batch["image"].to(device, non_blocking=True)
             tokens = batch["tokens"].to(device, non_blocking=True)
+            mask = batch["caption_mask"].to(device, non_blocking=True) if "caption_mask" in batch else None
             with amp:
-                terms = task(images, tokens)
+                terms = task(images, tokens, mask) if mask is not None else task(images, tokens)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             if cfg.train.grad_clip:
@@ -164,7 +165,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
             last = step >= cfg.train.steps
             ckpt_due = last or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0)
-            if step % cfg.train.log_every == 0 or ckpt_due:
+            eval_due = bool(eval_sets) and (last or (eval_every > 0 and step % eval_every == 0))
+            if step % cfg.train.log_every == 0 or ckpt_due or eval_due:
                 dt = time.perf_counter() - window_t0
                 loss_mean, = _all_reduce_mean([window_loss / window_n], world)
                 metrics = {
@@ -177,8 +179,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if stats is not None:
                     metrics.update(stats.snapshot())
                     check_bad_fraction(stats, cfg.data.max_bad_fraction)
-                if eval_shard is not None and rank == 0 and (last or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
-                    metrics.update(evaluate(core, eval_shard, device))
+                if eval_due and evaluator is not None:
+                    metrics.update(evaluator.run(core.model))
                 report(metrics, with_checkpoint=ckpt_due)
                 if rank == 0:
                     say(f"[llip] step {step}/{cfg.train.steps} loss {loss_mean:.4f} lr {lr:.2e} "

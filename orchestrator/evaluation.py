@@ -1,0 +1,377 @@
+"""Evaluation runs: inside training (rank 0, every `eval.every` steps and at the end) and standalone
+(`llip eval RUN_ID_OR_CHECKPOINT --set PATH ...`). The math is llip_core.evaluate; this module reads
+the sets (orchestrator.evalsets), names the metrics and logs them.
+
+Metric names: `eval/<set>/<metric>`, where <metric> is `recall1`, `i2t_recall5`, `t2i_recall10`, ...
+for retrieval (recallK is the mean of the two directions) and `top1`, `top5` for zero-shot
+classification; with `eval.tau` listed (Llip), `top1_tau5` is top-1 at tau = 5 (MLflow names may not
+hold "@" or "="). `eval/<set>/num_samples` and `eval/<set>/seconds` come with them. The held-out
+split in `data.eval` keeps its historic top-level names (`eval/recall1`, `eval/i2t_recall1`, ...),
+which is what `sweep.metric` defaults to.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from orchestrator.errors import UserError
+
+HEADLINE = ("recall1", "top1")  # the metric per set that curves and summaries show first
+
+
+# --------------------------------------------------------------------------------------------
+# names and set resolution
+# --------------------------------------------------------------------------------------------
+def metric_key(set_name: str, key: str) -> str:
+    """("fashion_mnist", "top1@tau=5") -> "eval/fashion_mnist/top1_tau5"; ("", "r@1") -> "eval/recall1"."""
+    k = key.replace("@tau=", "_tau").replace("r@", "recall")
+    return "eval/" + (f"{set_name}/" if set_name else "") + k
+
+
+def preflight(cfg, scan: bool = True) -> list[dict]:
+    """Every set a run evaluates (data.eval as the unnamed set, then eval.sets), resolved and checked:
+    a bad set fails here, in one line naming its folder, before any trainer or MLflow run starts.
+    Returns JSON-able dicts for the worker loop."""
+    from orchestrator.evalsets import inspect_set
+
+    infos = []
+    if cfg.data.eval:
+        infos.append(inspect_set(cfg.data.eval, name="", split="test", s3cfg=cfg.data.s3, scan=scan))
+    for s in cfg.eval.sets:
+        infos.append(inspect_set(s.path, name=s.name, split=s.split, max_samples=s.max_samples,
+                                 s3cfg=cfg.data.s3, scan=scan))
+    return [i.to_dict() for i in infos]
+
+
+def eval_tokenizer(model_cfg, spec: Optional[dict] = None):
+    """The tokenizer the model was trained with: rebuilt from its spec (stored with the run and the
+    checkpoint) when there is one, else the model config's default."""
+    from llip_core import tokenizer as tk
+
+    if spec and hasattr(tk, "build_tokenizer"):
+        return tk.build_tokenizer(spec)
+    return tk.WordHashTokenizer(model_cfg.vocab_size, model_cfg.context_length)
+
+
+class _Images:
+    """uint8 HWC images normalised on the fly, batch by batch (a whole 224 px set as float32 would
+    not fit in memory); llip_core.evaluate only slices and reads shape and device."""
+
+    def __init__(self, u8, device):
+        import torch
+
+        self.u8, self.device, self.shape = u8, torch.device(device), (len(u8),)
+
+    def __getitem__(self, sl):
+        import torch
+
+        from llip_core.preprocess import normalize
+
+        return torch.from_numpy(normalize(self.u8[sl])).to(self.device)
+
+
+class EvalRunner:
+    """Sets decoded once (at the model's image size) and captions tokenized once; `run(model)` scores
+    them all. Cost per call is the forward passes: (images + distinct captions or class prompts)."""
+
+    def __init__(self, infos: Sequence[dict], image_size: int, tokenizer, *, batch_size: int = 256,
+                 recall_k: Sequence[int] = (1, 5, 10), taus: Optional[Sequence[float]] = None, s3cfg=None,
+                 device="cpu"):
+        import numpy as np
+        import torch
+
+        from orchestrator.evalsets import RETRIEVAL, SetInfo, load_set
+
+        self.tokenizer, self.batch_size, self.taus, self.device = tokenizer, batch_size, taus, device
+        self.recall_k = tuple(recall_k)
+        self.sets = []
+        for d in infos:
+            loaded = load_set(SetInfo.from_dict(d), image_size, s3cfg)
+            entry = {"set": loaded}
+            if loaded.info.kind == RETRIEVAL:
+                flat = [c for caps in loaded.captions for c in caps]
+                entry["tokens"] = torch.as_tensor(np.asarray(tokenizer(flat)), device=device)
+                entry["owner"] = torch.as_tensor([i for i, caps in enumerate(loaded.captions) for _ in caps],
+                                                 device=device)
+            self.sets.append(entry)
+
+    def run(self, model) -> dict[str, float]:
+        import torch
+
+        from llip_core.evaluate import retrieval_recall, zero_shot_classify
+        from orchestrator.evalsets import CLASSIFICATION
+
+        out: dict[str, float] = {}
+        was_training = getattr(model, "training", False)
+        if hasattr(model, "eval"):
+            model.eval()
+        try:
+            with torch.no_grad():
+                for e in self.sets:
+                    s, t0 = e["set"], time.perf_counter()
+                    images = _Images(s.images, self.device)
+                    if s.info.kind == CLASSIFICATION:
+                        r = zero_shot_classify(model, images, s.labels, s.info.classnames, s.info.templates,
+                                               self.tokenizer, self.batch_size, taus=self.taus)
+                    else:
+                        ks = tuple(k for k in self.recall_k if k <= len(s.images)) or (1,)
+                        r = retrieval_recall(model, images, e["tokens"], ks, self.batch_size, caption_image=e["owner"])
+                    name = s.info.name
+                    out.update({metric_key(name, k): float(v) for k, v in r.items()})
+                    out[metric_key(name, "num_samples")] = float(len(s.images))
+                    out[metric_key(name, "seconds")] = time.perf_counter() - t0
+        finally:
+            if was_training and hasattr(model, "train"):
+                model.train()
+        return out
+
+
+def runner_for(cfg, infos: Sequence[dict], tokenizer_spec: Optional[dict] = None, device="cpu",
+               taus: Optional[Sequence[float]] = None) -> Optional[EvalRunner]:
+    if not infos:
+        return None
+    m = cfg.resolved_model()
+    taus = taus if taus is not None else cfg.eval.tau
+    # tau is Llip's softmax temperature over mixture tokens; the other poolings have none to sweep
+    taus = taus if m.pooling == "llip" else None
+    return EvalRunner(infos, m.image_size, eval_tokenizer(m, tokenizer_spec), batch_size=cfg.eval.batch_size,
+                      recall_k=cfg.eval.recall_k, taus=taus, s3cfg=cfg.data.s3, device=device)
+
+
+def curve_keys(metrics: dict) -> list[str]:
+    """The metrics plotted over steps: training loss, then each set's headline (recall1 / top1 or
+    the first top1_tau*)."""
+    keys = ["train/loss"]
+    sets = sorted({k.split("/")[1] for k in metrics if k.count("/") == 2 and k.startswith("eval/")})
+    if "eval/recall1" in metrics:
+        keys.append("eval/recall1")
+    for s in sets:
+        cands = [f"eval/{s}/{h}" for h in HEADLINE] + sorted(k for k in metrics if k.startswith(f"eval/{s}/top1_tau"))
+        hit = next((k for k in cands if k in metrics), None)
+        if hit:
+            keys.append(hit)
+    keys.append("train/logit_scale")
+    return keys
+
+
+def format_eval_table(metrics: dict, infos: Sequence[dict] = ()) -> str:
+    """Rows of set / metric / value, with the chance level of top-k (k / classes) and of
+    text->image recall@k (k / images)."""
+    kinds = {d["name"]: d for d in infos}
+    rows = []
+    for k in sorted(metrics):
+        if not k.startswith("eval/") or k.endswith(("/seconds", "/num_samples")) or k in ("eval/num_samples",):
+            continue
+        parts = k.split("/")
+        name, metric = (parts[1], parts[2]) if len(parts) == 3 else ("(data.eval)", parts[1])
+        info = kinds.get(parts[1] if len(parts) == 3 else "")
+        chance = ""
+        mm = re.match(r"top(\d+)", metric)
+        if mm and info and info.get("classnames"):
+            chance = f"{100 * min(1.0, int(mm.group(1)) / len(info['classnames'])):.2f}%"
+        mm = re.match(r"t2i_recall(\d+)$", metric)
+        n = metrics.get(f"eval/{parts[1]}/num_samples" if len(parts) == 3 else "eval/num_samples")
+        if mm and n:
+            chance = f"{100 * min(1.0, int(mm.group(1)) / n):.2f}%"
+        rows.append((name, metric, f"{100 * metrics[k]:.2f}%", chance))
+    if not rows:
+        return "(no eval metrics)"
+    head = ("set", "metric", "value", "chance")
+    w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(x) for h, x in zip(head, w)), "  ".join("-" * x for x in w)]
+    lines += ["  ".join(c.ljust(x) for c, x in zip(r, w)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def merge_final(c, run_id: str, metrics: dict) -> None:
+    """Add metrics to the run's eval/final.json and eval/final.md (written at the end of training)."""
+    import tempfile
+
+    final: dict[str, Any] = {}
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            final = json.loads(Path(c.download_artifacts(run_id, "eval/final.json", d)).read_text())
+    except Exception:  # no final table yet (a run that failed, or a new eval-only run)
+        final = {}
+    final.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    final = dict(sorted(final.items()))
+    c.log_dict(run_id, final, "eval/final.json")
+    rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in final.items())
+    c.log_text(run_id, f"| metric | value |\n|---|---|\n{rows}\n", "eval/final.md")
+
+
+# --------------------------------------------------------------------------------------------
+# `llip eval`
+# --------------------------------------------------------------------------------------------
+def add_args(p) -> None:
+    p.add_argument("target", metavar="RUN_ID_OR_CHECKPOINT",
+                   help="an MLflow run id or run name (its checkpoint is evaluated and the metrics logged into it), "
+                        "or a checkpoint: a directory holding state.pt, the state.pt file, or a run's storage "
+                        "directory (its latest checkpoint_*); local or s3://")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH",
+                   help="an eval set folder (clip_benchmark wds layout, local or s3://); repeatable; "
+                        "default: the sets in the checkpoint's experiment config")
+    p.add_argument("--split", default="test", help="the sets' split subfolder (default: test)")
+    p.add_argument("--max-samples", type=int, default=None, metavar="N", help="evaluate the first N samples of each set")
+    p.add_argument("--tau", type=float, nargs="+", default=None, metavar="TAU",
+                   help="Llip: zero-shot at each softmax temperature, e.g. --tau 1 3 5 8 10 (default: eval.tau)")
+    p.add_argument("--tracking-uri", default=None, help="default: the config's, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.add_argument("--no-log", action="store_true", help="print the table only; log nothing to MLflow")
+
+
+def _read_bytes(url: str) -> bytes:
+    import pyarrow.fs as pafs
+
+    if url.startswith("s3://"):
+        from orchestrator import s3
+
+        fs, path = s3.arrow_filesystem(None), url[len("s3://"):]
+    else:
+        fs, path = pafs.LocalFileSystem(), str(Path(url).resolve())
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _checkpoint_file(path: str) -> str:
+    """state.pt under a checkpoint dir, the file itself, or the latest checkpoint_* of a run dir."""
+    import pyarrow.fs as pafs
+
+    from orchestrator.train import CKPT_FILE
+
+    if path.startswith("s3://"):
+        from orchestrator import s3
+
+        fs, root = s3.arrow_filesystem(None), path[len("s3://"):].rstrip("/")
+        scheme = "s3://"
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise UserError(f"{path}: no such checkpoint, and no MLflow run has that id or name")
+        fs, root, scheme = pafs.LocalFileSystem(), str(p.resolve()), ""
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        return scheme + root
+    if fs.get_file_info(f"{root}/{CKPT_FILE}").type == pafs.FileType.File:
+        return f"{scheme}{root}/{CKPT_FILE}"
+    subs = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+                  if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    for d in reversed(subs):
+        if fs.get_file_info(f"{d}/{CKPT_FILE}").type == pafs.FileType.File:
+            return f"{scheme}{d}/{CKPT_FILE}"
+    raise UserError(f"{path}: no {CKPT_FILE} there, nor in a checkpoint_* folder under it")
+
+
+def _find_run(c, target: str):
+    if re.fullmatch(r"[0-9a-f]{32}", target):
+        try:
+            return c.get_run(target)
+        except Exception:
+            return None
+    ids = [e.experiment_id for e in c.search_experiments(max_results=10000)]
+    if not ids:
+        return None
+    q = target.replace("'", "\\'")
+    runs = c.search_runs(ids, filter_string=f"tags.`llip.run_name` = '{q}'", max_results=1,
+                         order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def load_checkpoint(ckpt_file: str):
+    """(state dict, ExperimentConfig, LlipModel in eval mode) from a checkpoint's state.pt."""
+    import torch
+
+    from llip_core.task import build_task
+    from orchestrator.config import parse_config
+
+    try:
+        state = torch.load(io.BytesIO(_read_bytes(ckpt_file)), map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"{ckpt_file}: cannot read the checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"{ckpt_file}: not an llip checkpoint (expected a dict with model and config)")
+    cfg = parse_config(state["config"], source=f"{ckpt_file} (config)")
+    core = build_task(cfg.resolved_model(), cfg.loss.type)
+    core.load_state_dict(state["model"])
+    core.eval()
+    return state, cfg, core.model
+
+
+def _state_tokenizer_spec(state: dict) -> Optional[dict]:
+    for k in ("tokenizer_spec", "tokenizer"):
+        if isinstance(state.get(k), dict):
+            return state[k]
+    cfg = state.get("config") or {}
+    spec = cfg.get("tokenizer_spec") if isinstance(cfg, dict) else None
+    return spec if isinstance(spec, dict) else None
+
+
+def cli(args) -> int:
+    from orchestrator import tracking
+    from orchestrator.evalsets import inspect_set
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    store_exists = not (uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists())
+    c = tracking.client(uri) if store_exists else None
+    run = None
+    looks_like_path = args.target.startswith("s3://") or Path(args.target).exists()
+    if not looks_like_path:
+        run = _find_run(c, args.target) if c is not None else None
+        if run is None:
+            raise UserError(f"{args.target}: neither a checkpoint path nor an MLflow run id or name in {uri}; "
+                            "pass the checkpoint directory, or --tracking-uri for the run's store")
+        ckpt = run.data.tags.get("llip.checkpoint")
+        if not ckpt:
+            raise UserError(f"run {args.target} has no checkpoint (no llip.checkpoint tag: it ended before its "
+                            "first checkpoint); pass a checkpoint directory instead")
+        ckpt_file = _checkpoint_file(ckpt)
+    else:
+        ckpt_file = _checkpoint_file(args.target)
+    state, cfg, model = load_checkpoint(ckpt_file)
+    step = int(state.get("step", 0))
+
+    if args.sets:
+        infos = [inspect_set(p, split=args.split, max_samples=args.max_samples, s3cfg=cfg.data.s3).to_dict()
+                 for p in args.sets]
+        names = [d["name"] for d in infos]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup:
+            raise UserError(f"two --set folders are both named {dup!r}; eval/<name>/ metrics would collide")
+    else:
+        infos = preflight(cfg)
+        if args.max_samples:
+            for d in infos:
+                d["max_samples"] = args.max_samples
+        if not infos:
+            raise UserError(f"the checkpoint's experiment ({cfg.name}) lists no eval sets; pass --set PATH")
+    runner = runner_for(cfg, infos, _state_tokenizer_spec(state), taus=args.tau)
+    t0 = time.perf_counter()
+    metrics = runner.run(model)
+    dt = time.perf_counter() - t0
+    print(f"evaluated {ckpt_file} (step {step}, {cfg.resolved_model().pooling} / {cfg.loss.type}) in {dt:.1f} s\n")
+    print(format_eval_table(metrics, infos))
+
+    if args.no_log:
+        return 0
+    if c is None:
+        uri = tracking.resolve_tracking_uri(args.tracking_uri or cfg.mlflow.tracking_uri)
+        c = tracking.client(uri)
+    if run is None:  # a checkpoint path: its training run if the store knows it, else a new eval run
+        q = ckpt_file.rsplit("/", 1)[0].replace("'", "\\'")
+        ids = [e.experiment_id for e in c.search_experiments(max_results=10000)]
+        hits = c.search_runs(ids, filter_string=f"tags.`llip.checkpoint` = '{q}'", max_results=1) if ids else []
+        run = hits[0] if hits else None
+    if run is None:
+        exp_id = tracking.experiment_id(c, cfg.mlflow.experiment or cfg.name)
+        run = c.create_run(exp_id, run_name=f"eval-{cfg.name}-step{step}",
+                           tags={"llip.checkpoint": ckpt_file.rsplit("/", 1)[0], "llip.eval_only": "true",
+                                 "llip.git_commit": tracking.git_commit()})
+        c.set_terminated(run.info.run_id, status="FINISHED")
+    tracking.MetricLogger(uri, run.info.run_id).log(metrics, step)
+    merge_final(c, run.info.run_id, metrics)
+    print(f"\nlogged {len(metrics)} metrics at step {step} into MLflow run {run.info.run_id} "
+          f"({run.data.tags.get('mlflow.runName', '')}) in {uri}")
+    return 0
