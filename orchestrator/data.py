@@ -327,10 +327,14 @@ class Decoder:
     # Online MetaCLIP curation: keep each sample this epoch with the keep_prob `llip curate` stored
     # in its json (coins hashed from this seed, the sample and the epoch); None: keep everything.
     curation_seed: Optional[int] = None
+    # llip_core.tokenizer spec (orchestrator.tokenization decides it per run); None: word hash over
+    # vocab_size buckets
+    tokenizer: Optional[dict] = None
+    hflip: bool = False  # flip half the training views, never a sample whose captions name a direction
 
     def __call__(self, batch: dict) -> dict:
         from llip_core.preprocess import CorruptImageError, load_rgb, normalize, transform
-        from llip_core.tokenizer import WordHashTokenizer
+        from llip_core.tokenizer import cached_tokenizer, tokenizer_spec
 
         epoch = current_epoch()
         n = len(batch["key"])
@@ -363,7 +367,7 @@ class Decoder:
             rng = np.random.default_rng([sid, epoch, self.seed]) if self.augment or len(pool) > 1 else None
             try:
                 img = load_rgb(bytes(data), draft_size=self.image_size)
-                images[m] = transform(img, self.image_size, rng, self.augment)
+                images[m] = transform(img, self.image_size, rng, self.augment, hflip=self.hflip, captions=caps)
             except CorruptImageError:
                 counts["data/skipped_corrupt_image"] += 1
                 counts["data/skipped"] += 1
@@ -376,7 +380,7 @@ class Decoder:
             m += 1
         if self.stats is not None:
             self.stats.add({k: v for k, v in counts.items() if v})
-        tok = WordHashTokenizer(self.vocab_size, self.context_length)
+        tok = cached_tokenizer(self.tokenizer or tokenizer_spec("word_hash", self.context_length, self.vocab_size))
         multi = self.captions == "all" and not self.with_caption
         if multi:
             chosen, mask = caption_slots(chosen, self.max_captions)
@@ -432,7 +436,7 @@ def pipeline(paths: list[str], filesystem, decoder: Decoder, *, shuffle_seed: Op
 # --------------------------------------------------------------------------------------------
 # driver side
 # --------------------------------------------------------------------------------------------
-def build_datasets(cfg: "ExperimentConfig") -> tuple[dict[str, "ray.data.Dataset"], DataStats]:
+def build_datasets(cfg: "ExperimentConfig", tokenizer: Optional[dict] = None) -> tuple[dict[str, "ray.data.Dataset"], DataStats]:
     """Preflight every shard location, then the lazy Ray datasets {"train"[, "eval"]} and the
     shared bad-data counters. Nothing runs until a trainer iterates."""
     m = cfg.model.resolve()
@@ -440,6 +444,10 @@ def build_datasets(cfg: "ExperimentConfig") -> tuple[dict[str, "ray.data.Dataset
     locations = {TRAIN: cfg.train_location(), **({EVAL: d.eval} if d.eval else {})}
     online = cfg.curation is not None and cfg.curation.mode == "online"
     resolved = {name: resolve_shards(loc, d.s3, f"data.{name}") for name, loc in locations.items()}
+    if tokenizer is None:  # the driver passes the run's spec; direct callers get the YAML's
+        from orchestrator.tokenization import run_tokenizer_spec
+
+        tokenizer = run_tokenizer_spec(cfg)
     stats = DataStats.create()
     datasets = {}
     for name, (paths, fs) in resolved.items():
@@ -447,7 +455,9 @@ def build_datasets(cfg: "ExperimentConfig") -> tuple[dict[str, "ray.data.Dataset
         dec = Decoder(image_size=m.image_size, vocab_size=m.vocab_size, context_length=m.context_length,
                       augment=d.augment and is_train, seed=cfg.seed, stats=stats if is_train else None,
                       with_caption=not is_train, captions=d.captions, max_captions=d.max_captions,
-                      curation_seed=cfg.curation.seed if online and is_train else None)
+                      curation_seed=cfg.curation.seed if online and is_train else None,
+                      tokenizer=tokenizer,
+                      hflip=d.hflip and d.augment and is_train)
         datasets[name] = pipeline(paths, fs, dec, shuffle_seed=cfg.seed if is_train else None,
                                   concurrency=d.decode_concurrency, num_cpus=d.decode_cpus)
     return datasets, stats
