@@ -1,8 +1,10 @@
 """Image bytes -> normalised float32 CHW arrays, as CLIP trains and evaluates (pure numpy + PIL).
 
 Eval: resize the shorter side to `size` and center-crop. Train: random resized crop (area `scale`,
-aspect `ratio`) and a horizontal flip, both drawn from a numpy Generator the caller seeds, so the
-same (seed, sample) gives the same view. Both are done as ONE PIL resize with a source box, which
+aspect `ratio`) drawn from a numpy Generator the caller seeds, so the same (seed, sample) gives the
+same view. No horizontal flip by default, as open_clip: a flipped "pointing left" image would be
+trained as "pointing left" while showing right. `hflip=True` flips half the time, and never a
+sample whose captions hold a direction word (`has_direction_word`). Both are done as ONE PIL resize with a source box, which
 crops and scales in a single pass (cheaper than crop-then-resize on large images). Transparent
 images (emoji PNGs are RGBA) are composited on white: dropping alpha would leave the colour of
 transparent pixels, which is arbitrary (often black) and differs between encoders.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -29,6 +32,17 @@ _INV_STD = 1.0 / (np.asarray(CLIP_STD, dtype=np.float32) * 255.0)
 # open_clip's training defaults: mild crops keep the caption true to the image.
 TRAIN_SCALE = (0.9, 1.0)
 TRAIN_RATIO = (3 / 4, 4 / 3)
+
+
+# Words whose meaning a mirror image reverses: left/right and their derived forms (leftwards, right-facing,
+# leftmost, ...), clockwise turns, and east/west compass directions (north-east arrow).
+_DIRECTION = re.compile(r"(?<![a-z])(left|right|clockwise|anticlockwise|counterclockwise|counter-clockwise|"
+                        r"east|west|northeast|northwest|southeast|southwest)", re.IGNORECASE)
+
+
+def has_direction_word(text: str) -> bool:
+    """True when mirroring the image would contradict the caption (prefix match: "leftwards", "rightmost")."""
+    return _DIRECTION.search(text) is not None
 
 
 class CorruptImageError(ValueError):
@@ -105,14 +119,17 @@ def random_resized_crop_box(
 
 def transform(
     img: Image.Image, size: int, rng: Optional[np.random.Generator] = None, augment: bool = False,
-    scale: Sequence[float] = TRAIN_SCALE, ratio: Sequence[float] = TRAIN_RATIO,
+    scale: Sequence[float] = TRAIN_SCALE, ratio: Sequence[float] = TRAIN_RATIO, hflip: bool = False,
+    captions: Sequence[str] = (),
 ) -> np.ndarray:
-    """PIL RGB image -> uint8 HWC (size, size, 3): eval crop, or random crop + flip when augmenting."""
+    """PIL RGB image -> uint8 HWC (size, size, 3): eval crop, or a random crop when augmenting, plus a
+    flip half the time with `hflip` unless one of `captions` holds a direction word."""
     if augment:
         if rng is None:
             raise ValueError("augment=True needs a numpy Generator (seed it for reproducible views)")
         box = random_resized_crop_box(img.width, img.height, rng, scale, ratio)
-        flip = rng.random() < 0.5
+        # the coin is drawn either way, so switching hflip on changes flips only, not the crops
+        flip = rng.random() < 0.5 and hflip and not any(has_direction_word(c) for c in captions)
     else:
         box = center_crop_box(img.width, img.height)
         flip = False

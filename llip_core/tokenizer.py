@@ -288,6 +288,23 @@ def build_tokenizer(spec: dict):
     return CompactVocab(base, spec["ids"]) if spec.get("vocab") == "compact" else base
 
 
+_BUILT: dict[str, object] = {}
+
+
+def cached_tokenizer(spec: dict):
+    """`build_tokenizer(spec)`, built once per process (data tasks call this for every batch; the
+    word-piece cache of the BPE tokenizer then lives across batches)."""
+    import json
+
+    key = json.dumps(spec, sort_keys=True)
+    tok = _BUILT.get(key)
+    if tok is None:
+        if len(_BUILT) >= 8:
+            _BUILT.clear()
+        tok = _BUILT[key] = build_tokenizer(spec)
+    return tok
+
+
 def build_compact_spec(spec: dict, captions: Iterable[str]) -> dict:
     """`spec` (vocab: compact) with ids filled from the training captions."""
     return {**spec, "ids": seen_ids(_base(spec), captions)}

@@ -78,22 +78,80 @@ def test_train_augmentation_is_seeded():
         preprocess(data, 24, None, augment=True)
 
 
-def test_flip_happens_about_half_the_time_and_mirrors():
+def _flips(captions=(), hflip=True, n=200):
+    """How many of n seeded training views of an asymmetric image are its mirror image."""
     from llip_core.preprocess import transform
 
     img = load_rgb(_asymmetric())
-    eval_view = transform(img, 16)
+    # scale 1 at the image's own aspect (64/48) is the whole image, either as is or mirrored
+    full = np.asarray(img.resize((16, 16), Image.BICUBIC, box=(0, 0, 64, 48), reducing_gap=3.0))
     flips = 0
-    for s in range(200):
-        out = transform(img, 16, np.random.default_rng(s), augment=True, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3))
-        # scale 1 at the image's own aspect (64/48) is the whole image, either as is or mirrored
-        full = np.asarray(img.resize((16, 16), Image.BICUBIC, box=(0, 0, 64, 48), reducing_gap=3.0))
+    for s in range(n):
+        out = transform(img, 16, np.random.default_rng(s), augment=True, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3),
+                        hflip=hflip, captions=captions)
         if np.array_equal(out, full[:, ::-1]):
             flips += 1
         else:
             np.testing.assert_array_equal(out, full)
-    assert 70 < flips < 130
-    assert eval_view.shape == (16, 16, 3)
+    return flips
+
+
+def test_no_flip_by_default_as_open_clip():
+    assert _flips(hflip=False) == 0
+    assert _flips(["a red apple"], hflip=False) == 0
+
+
+def test_flip_option_flips_about_half_and_never_a_direction_caption():
+    assert 70 < _flips(["grinning face"]) < 130
+    assert _flips(["backhand index pointing left"]) == 0
+    assert _flips(["grinning face", "arrow pointing Rightwards"]) == 0  # any of the sample's captions
+
+
+@pytest.mark.parametrize("text,directional", [
+    ("backhand index pointing left", True), ("LEFTWARDS ARROW", True), ("right-facing fist", True),
+    ("left-right arrow", True), ("clockwise vertical arrows", True), ("counterclockwise arrows button", True),
+    ("north-east arrow", True), ("south west arrow", True), ("rightmost", True),
+    ("bright button", False), ("copyright", False), ("feast", False), ("grinning face", False), ("", False),
+])
+def test_direction_words(text, directional):
+    from llip_core.preprocess import has_direction_word
+
+    assert has_direction_word(text) is directional
+
+
+def test_real_emoji_direction_samples_are_never_flipped(monkeypatch):
+    """Real Twemoji samples through the data pipeline's decoder, with the flip option on."""
+    import json
+
+    import orchestrator.data as data
+    from llip_core.preprocess import has_direction_word
+    from orchestrator.shards import _read_file, emoji_records
+
+    records = emoji_records()
+    directional = [r for r in records if any(has_direction_word(c) for c in r["captions"])]
+    plain = [r for r in records if not any(has_direction_word(c) for c in r["captions"])]
+    assert len(directional) > 100  # the issue counted 184 of 3,972 captions
+    picked = directional[::max(1, len(directional) // 24)][:24] + plain[:24]
+    cols = {k: [] for k in ("key", "url", "image", "txt", "json", "error")}
+    for r in picked:
+        cols["key"].append(r["code"])
+        cols["url"].append("/x/train-00000.tar")
+        cols["image"].append(_read_file(r["path"])()[0])
+        cols["txt"].append(r["captions"][0].encode())
+        cols["json"].append(json.dumps({"captions": r["captions"]}).encode() if len(r["captions"]) > 1 else None)
+        cols["error"].append(None)
+    batch = {k: np.array(v, dtype=object) for k, v in cols.items()}
+    n_dir = min(24, len(directional))
+    flipped_plain = 0
+    for epoch in range(6):
+        monkeypatch.setattr(data, "current_epoch", lambda e=epoch: e)
+        on = data.Decoder(32, 512, 16, augment=True, seed=0, stats=None, hflip=True)(batch)["image"]
+        off = data.Decoder(32, 512, 16, augment=True, seed=0, stats=None, hflip=False)(batch)["image"]
+        np.testing.assert_array_equal(on[:n_dir], off[:n_dir])  # same crops; direction samples never flipped
+        changed = (on[n_dir:] != off[n_dir:]).any((1, 2, 3))
+        flipped_plain += int(changed.sum())
+        np.testing.assert_array_equal(on[n_dir:][changed], off[n_dir:][changed][..., ::-1])  # a mirror, nothing else
+    assert 0.3 < flipped_plain / (6 * (len(picked) - n_dir)) < 0.7
 
 
 def test_random_resized_crop_box_stays_inside_and_respects_scale():

@@ -169,3 +169,53 @@ def test_bpe_matches_open_clip_on_arbitrary_unicode(open_clip_tok):
         np.testing.assert_array_equal(ours([text]), open_clip_tok.tokenize([text], context_length=24).numpy())
 
     check()
+
+
+def _cfg(tmp_path, train, **model):
+    from orchestrator.config import parse_config
+
+    return parse_config({"name": "t", "model": {"size": "tiny", **model}, "storage_path": str(tmp_path / "runs"),
+                         "data": {"train": str(train), "eval": None}})
+
+
+def test_run_compact_vocab_from_real_shards(emoji_shards, tmp_path):
+    from orchestrator.data import resolve_shards
+    from orchestrator.tokenization import resolve, shard_captions
+
+    cfg, spec = resolve(_cfg(tmp_path, emoji_shards / "train"))
+    assert spec["name"] == "clip_bpe" and spec["vocab"] == "compact"
+    tok = build_tokenizer(spec)
+    assert cfg.resolved_model().vocab_size == tok.vocab_size == 4 + len(spec["ids"]) < 4096
+    caps = list(shard_captions(*resolve_shards(str(emoji_shards / "train"), cfg.data.s3, "data.train")))
+    assert len(caps) > 3000
+    full, small = ClipBpeTokenizer(16)(caps), tok(caps)
+    assert not (small == UNK).any()  # every training id has its own row
+    # same partition of captions into distinct token sequences as full BPE: nothing merged
+    assert len({r.tobytes() for r in full}) == len({r.tobytes() for r in small})
+    # while the word-hash tokenizer at the old tiny size merges some distinct captions
+    wh = WordHashTokenizer(4096, 16)(caps)
+    assert len({r.tobytes() for r in wh}) < len({r.tobytes() for r in small})
+
+
+def test_relaunch_uses_the_checkpoint_tokenizer_and_a_mismatch_is_one_line(emoji_shards, tmp_path):
+    import json
+
+    from orchestrator.errors import UserError
+    from orchestrator.tokenization import TOKENIZER_FILE, run_tokenizer_spec
+
+    ckpt = tmp_path / "runs" / "myrun" / "checkpoint_000003"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.pt").write_bytes(b"x")
+    stored = tokenizer_spec("clip_bpe", 16, 49408, "compact", ids=[5, 320, 1929])
+    (ckpt / TOKENIZER_FILE).write_text(json.dumps(stored))
+    # the same kind of tokenizer: the checkpoint's compact table wins over a fresh one from the shards
+    assert run_tokenizer_spec(_cfg(tmp_path, emoji_shards / "train"), "myrun") == stored
+    with pytest.raises(UserError) as e:
+        run_tokenizer_spec(_cfg(tmp_path, emoji_shards / "train", tokenizer="word_hash", vocab="full"), "myrun")
+    msg = str(e.value)
+    assert "\n" not in msg and "clip_bpe/compact" in msg and "word_hash(4096)" in msg
+    # an unknown name fails at config load, naming it and the choices
+    from orchestrator.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown tokenizer 'bpe'; choose one of clip_bpe, word_hash"):
+        _cfg(tmp_path, emoji_shards / "train", tokenizer="bpe")
