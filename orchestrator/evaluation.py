@@ -47,14 +47,16 @@ def preflight(cfg, scan: bool = True) -> list[dict]:
     return [i.to_dict() for i in infos]
 
 
-def eval_tokenizer(model_cfg, spec: Optional[dict] = None):
-    """The tokenizer the model was trained with: rebuilt from its spec (stored with the run and the
-    checkpoint) when there is one, else the model config's default."""
-    from llip_core import tokenizer as tk
+def eval_tokenizer(cfg, spec: Optional[dict] = None):
+    """The tokenizer the model was trained with: rebuilt from the run's spec (passed to the workers,
+    stored in checkpoints as state["tokenizer"]) when there is one, else the one the YAML names."""
+    from llip_core.tokenizer import build_tokenizer
 
-    if spec and hasattr(tk, "build_tokenizer"):
-        return tk.build_tokenizer(spec)
-    return tk.WordHashTokenizer(model_cfg.vocab_size, model_cfg.context_length)
+    if spec is None:
+        from orchestrator.tokenization import yaml_spec
+
+        spec = yaml_spec(cfg)
+    return build_tokenizer(spec)
 
 
 class _Images:
@@ -138,7 +140,7 @@ def runner_for(cfg, infos: Sequence[dict], tokenizer_spec: Optional[dict] = None
     taus = taus if taus is not None else cfg.eval.tau
     # tau is Llip's softmax temperature over mixture tokens; the other poolings have none to sweep
     taus = taus if m.pooling == "llip" else None
-    return EvalRunner(infos, m.image_size, eval_tokenizer(m, tokenizer_spec), batch_size=cfg.eval.batch_size,
+    return EvalRunner(infos, m.image_size, eval_tokenizer(cfg, tokenizer_spec), batch_size=cfg.eval.batch_size,
                       recall_k=cfg.eval.recall_k, taus=taus, s3cfg=cfg.data.s3, device=device)
 
 
