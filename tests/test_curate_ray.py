@@ -151,6 +151,23 @@ def test_online_writes_every_match_with_its_keep_probability(pool, ray_local, tm
     assert s["kept_pairs"] == pytest.approx(sum(ref["keep_prob"].values()))
 
 
+def test_online_training_stream_resamples_each_epoch(pool, ray_local, tmp_path):
+    from orchestrator.curate import run_curation
+    from orchestrator.data import build_datasets
+
+    cfg = _cfg(pool, tmp_path / "on2", t=2, mode="online")
+    s = run_curation(cfg, log=lambda s: None)
+    ds = build_datasets(cfg)[0]["train"]
+    epochs = [set(np.concatenate([b["sample_id"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")]).tolist())
+              for _ in range(3)]
+    probs = np.array([g["keep_prob"] for g in _curated(tmp_path / "on2")])
+    sd = np.sqrt((probs * (1 - probs)).sum())
+    for e in epochs:
+        assert abs(len(e) - s["kept_pairs"]) <= 5 * sd + 1
+    assert len(epochs[0] ^ epochs[1]) > 0 and len(epochs[1] ^ epochs[2]) > 0  # fresh draws per epoch
+    assert (probs < 1).any() and len(set.union(*epochs)) > max(len(e) for e in epochs)
+
+
 def test_s3_source_and_output_give_the_same_shards(pool, ray_local, moto_s3, tmp_path):  # noqa: F811
     from orchestrator.curate import read_stats, run_curation
 
