@@ -297,3 +297,65 @@ def test_multi_caption_losses_on_gloo_ranks_equal_one_process(world_size, tmp_pa
             else:
                 dist_g = sum(r[loss_type][1][name] for r in ranks) / world_size
             torch.testing.assert_close(dist_g, g, msg=f"{loss_type} {name}")
+
+
+def _ddp_worker(rank, world_size, init_file, out_dir):
+    from test_distributed_losses import _init
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    _init(rank, world_size, init_file)
+    images, tokens, mask = _task_batch(world_size)
+    sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+    torch.manual_seed(0)
+    task = build_task(_multi(3, layers=1), "holistic", rank, world_size, multi_caption=True).double()
+    ddp = DDP(task, find_unused_parameters=False)  # held: a collected wrapper averages nothing
+    loss = ddp(images[sl], tokens[sl], mask[sl])["loss"]
+    loss.backward()
+    dist.all_reduce(mean := loss.detach().clone())
+    torch.save((mean / world_size, {n: p.grad for n, p in task.named_parameters()}),
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _task_batch(world_size):
+    g = torch.Generator().manual_seed(1)
+    B = B_LOCAL * world_size
+    images = torch.randn(B, 3, 16, 16, generator=g, dtype=torch.float64)
+    tokens = torch.zeros(B, 3, 8, dtype=torch.long)
+    tokens[..., 0], tokens[..., 1:4], tokens[..., 4] = 1, torch.randint(3, 500, (B, 3, 3), generator=g), 2
+    mask = torch.rand(B, 3, generator=g) < 0.7
+    mask[:, 0] = True
+    return images, tokens, mask
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_ddp_holistic_task_parity(tmp_path):
+    """The whole holistic task (multi_cls encoder, masked captions) under DDP on 2 gloo ranks: loss and
+    every parameter's gradient equal one process on the whole batch; no unused parameter."""
+    from test_distributed_losses import _spawn
+
+    ranks = _spawn(_ddp_worker, 2, tmp_path)
+    images, tokens, mask = _task_batch(2)
+    torch.manual_seed(0)
+    task = build_task(_multi(3, layers=1), "holistic", multi_caption=True).double()
+    loss = task(images, tokens, mask)["loss"]
+    loss.backward()
+    for mean, grads in ranks:
+        torch.testing.assert_close(mean, loss.detach())
+        for n, p in task.named_parameters():
+            torch.testing.assert_close(grads[n], p.grad, msg=n)
+
+
+def test_holistic_experiment_is_a_valid_sweep_over_all_five_losses():
+    from pathlib import Path
+
+    from orchestrator.config import load_config
+    from orchestrator.sweep import check_sweep, count_trials
+
+    cfg = load_config(Path(__file__).parent.parent / "experiments" / "holistic.yaml")
+    check_sweep(cfg)  # every loss.type value gives a valid config with data.captions: all
+    assert count_trials(cfg) == 5
+    m = cfg.resolved_model()
+    assert (m.pooling, m.branches, cfg.data.captions, cfg.loss.type) == ("multi_cls", 3, "all", "holistic")
