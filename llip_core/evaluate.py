@@ -121,6 +121,25 @@ def retrieval_recall(model, images: torch.Tensor, tokens: torch.Tensor, ks: Sequ
     return out
 
 
+def retrieval_chance(tokens: torch.Tensor, caption_image: torch.Tensor, n_img: int,
+                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """What a model scoring every pair alike gets on this set under the protocol above: k / N for
+    one caption per image, more when captions repeat across images (such a text has several positive
+    images) or an image has several distinct captions."""
+    uniq, inverse = unique_texts(tokens)
+    caption_image = torch.as_tensor(caption_image).long().cpu()
+    positive = torch.zeros(n_img, uniq.shape[0], dtype=torch.bool)
+    positive[caption_image, inverse.cpu()] = True
+    flat = torch.zeros(positive.shape)
+    i2t, t2i = expected_hits(flat, positive, ks), expected_hits(flat.T, positive.T, ks)
+    weight = torch.bincount(inverse.cpu(), minlength=uniq.shape[0]).double()
+    out = {}
+    for k in ks:
+        out[f"i2t_r@{k}"] = float(i2t[k].mean())
+        out[f"t2i_r@{k}"] = float((t2i[k] * weight).sum() / weight.sum())
+    return out
+
+
 def class_text_features(model, class_names: Sequence[str], templates: Sequence, tokenizer,
                         device=None, batch_size: int = 256) -> dict[str, torch.Tensor]:
     """One feature set per class, averaged over prompt templates.

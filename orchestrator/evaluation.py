@@ -56,6 +56,10 @@ def eval_tokenizer(cfg, spec: Optional[dict] = None):
         from orchestrator.tokenization import yaml_spec
 
         spec = yaml_spec(cfg)
+        if spec.get("vocab") == "compact" and not spec.get("ids"):
+            # every word would map to the unknown id and all captions would look alike
+            raise UserError(f"{cfg.name}: model.vocab compact needs the run's own id table, stored with its "
+                            "checkpoint (state['tokenizer']); evaluate a checkpoint or run, not a bare config")
     return build_tokenizer(spec)
 
 
@@ -87,6 +91,7 @@ class EvalRunner:
         import torch
 
         from orchestrator.evalsets import RETRIEVAL, SetInfo, load_set
+        from llip_core.evaluate import retrieval_chance
 
         self.tokenizer, self.batch_size, self.taus, self.device = tokenizer, batch_size, taus, device
         self.recall_k = tuple(recall_k)
@@ -99,6 +104,10 @@ class EvalRunner:
                 entry["tokens"] = torch.as_tensor(np.asarray(tokenizer(flat)), device=device)
                 entry["owner"] = torch.as_tensor([i for i, caps in enumerate(loaded.captions) for _ in caps],
                                                  device=device)
+                # chance depends on the set only (repeated captions raise it above k / N): once
+                ks = tuple(k for k in self.recall_k if k <= len(loaded.images)) or (1,)
+                entry["chance"] = {"chance_" + k: v for k, v in
+                                   retrieval_chance(entry["tokens"], entry["owner"], len(loaded.images), ks).items()}
             self.sets.append(entry)
 
     def run(self, model) -> dict[str, float]:
@@ -123,7 +132,7 @@ class EvalRunner:
                         ks = tuple(k for k in self.recall_k if k <= len(s.images)) or (1,)
                         r = retrieval_recall(model, images, e["tokens"], ks, self.batch_size, caption_image=e["owner"])
                     name = s.info.name
-                    out.update({metric_key(name, k): float(v) for k, v in r.items()})
+                    out.update({metric_key(name, k): float(v) for k, v in {**r, **e.get("chance", {})}.items()})
                     out[metric_key(name, "num_samples")] = float(len(s.images))
                     out[metric_key(name, "seconds")] = time.perf_counter() - t0
         finally:
@@ -161,25 +170,28 @@ def curve_keys(metrics: dict) -> list[str]:
 
 
 def format_eval_table(metrics: dict, infos: Sequence[dict] = ()) -> str:
-    """Rows of set / metric / value, with the chance level of top-k (k / classes) and of
-    text->image recall@k (k / images)."""
-    kinds = {d["name"]: d for d in infos}
+    """Rows of set / metric / value / chance: k / classes for top-k; for retrieval, what a model
+    scoring everything alike gets on that set (logged as eval/<set>/chance_*)."""
+    classes = {d["name"]: len(d.get("classnames") or []) for d in infos}
     rows = []
     for k in sorted(metrics):
-        if not k.startswith("eval/") or k.endswith(("/seconds", "/num_samples")) or k in ("eval/num_samples",):
-            continue
         parts = k.split("/")
-        name, metric = (parts[1], parts[2]) if len(parts) == 3 else ("(data.eval)", parts[1])
-        info = kinds.get(parts[1] if len(parts) == 3 else "")
-        chance = ""
+        if parts[0] != "eval" or len(parts) not in (2, 3) or parts[-1] in ("seconds", "num_samples") \
+                or parts[-1].startswith("chance_"):
+            continue
+        prefix = "/".join(parts[:-1])
+        metric = parts[-1]
+        chance = None
         mm = re.match(r"top(\d+)", metric)
-        if mm and info and info.get("classnames"):
-            chance = f"{100 * min(1.0, int(mm.group(1)) / len(info['classnames'])):.2f}%"
-        mm = re.match(r"t2i_recall(\d+)$", metric)
-        n = metrics.get(f"eval/{parts[1]}/num_samples" if len(parts) == 3 else "eval/num_samples")
-        if mm and n:
-            chance = f"{100 * min(1.0, int(mm.group(1)) / n):.2f}%"
-        rows.append((name, metric, f"{100 * metrics[k]:.2f}%", chance))
+        if mm and classes.get(parts[1] if len(parts) == 3 else ""):
+            chance = min(1.0, int(mm.group(1)) / classes[parts[1]])
+        elif metric.startswith(("i2t_", "t2i_")):
+            chance = metrics.get(f"{prefix}/chance_{metric}")
+        elif re.fullmatch(r"recall\d+", metric):
+            pair = [metrics.get(f"{prefix}/chance_{d}_{metric}") for d in ("i2t", "t2i")]
+            chance = sum(pair) / 2 if None not in pair else None
+        name = parts[1] if len(parts) == 3 else "(data.eval)"
+        rows.append((name, metric, f"{100 * metrics[k]:.2f}%", "" if chance is None else f"{100 * chance:.2f}%"))
     if not rows:
         return "(no eval metrics)"
     head = ("set", "metric", "value", "chance")

@@ -62,16 +62,21 @@ def _toy_sets(root: Path):
 
 def _checkpoint(tmp_path: Path, step: int = 7) -> tuple[Path, object]:
     from llip_core.task import build_task
-    from orchestrator.tokenization import yaml_spec
+    from llip_core.tokenizer import build_compact_spec
+    from orchestrator.tokenization import with_vocab_size, yaml_spec
 
     cfg = parse_config({"name": "evaltoy", "model": {"size": "micro", "image_size": 16, "patch_size": 8},
                         "loss": {"type": "llip"}, "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
+    # a compact vocabulary over "training" captions that cover the toy sets' words, as a run builds it
+    words = ["a circle square star heart drawing of thing number item"] + [str(i) for i in range(30)]
+    spec = build_compact_spec(yaml_spec(cfg), words)
+    cfg = with_vocab_size(cfg, spec)
     torch.manual_seed(0)
     core = build_task(cfg.resolved_model(), cfg.loss.type)
     d = tmp_path / "ckpt" / "checkpoint_000001"
     d.mkdir(parents=True)
     torch.save({"model": core.state_dict(), "optimizer": {}, "step": step, "epoch": 0,
-                "config": cfg.model_dump(mode="json"), "tokenizer": yaml_spec(cfg)}, d / "state.pt")
+                "config": cfg.model_dump(mode="json"), "tokenizer": spec}, d / "state.pt")
     return d, core.model.eval()
 
 
@@ -79,7 +84,6 @@ def test_llip_eval_checkpoint_logs_a_new_run_then_into_it_by_id_and_compare_rank
     from llip_core.evaluate import retrieval_recall, zero_shot_classify
     from llip_core.preprocess import normalize
     from llip_core.tokenizer import build_tokenizer
-    from orchestrator.tokenization import yaml_spec
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -92,8 +96,7 @@ def test_llip_eval_checkpoint_logs_a_new_run_then_into_it_by_id_and_compare_rank
     assert "shapes" in out and "top1" in out and "pairs" in out and "t2i_recall1" in out
 
     # the numbers equal llip_core's on the same decoded data
-    cfg = parse_config(torch.load(ckpt / "state.pt", weights_only=False)["config"])
-    tok = build_tokenizer(yaml_spec(cfg))
+    tok = build_tokenizer(torch.load(ckpt / "state.pt", weights_only=False)["tokenizer"])
     s = load_set(inspect_set(str(shapes)), 16)
     want_top1 = zero_shot_classify(model, torch.from_numpy(normalize(s.images)), s.labels, s.info.classnames,
                                    s.info.templates, tok)["top1"]
@@ -114,6 +117,7 @@ def test_llip_eval_checkpoint_logs_a_new_run_then_into_it_by_id_and_compare_rank
     assert m["eval/pairs/recall1"] == pytest.approx(want_r["r@1"])
     assert m["eval/pairs/t2i_recall5"] == pytest.approx(want_r["t2i_r@5"])
     assert m["eval/shapes/num_samples"] == 24 and m["eval/pairs/num_samples"] == 10
+    assert m["eval/pairs/chance_t2i_recall1"] == pytest.approx(1 / 10)  # distinct captions: k / N
     assert c.get_metric_history(run.info.run_id, "eval/shapes/top1")[0].step == 7
     final = json.loads(Path(c.download_artifacts(run.info.run_id, "eval/final.json", str(tmp_path))).read_text())
     assert final["eval/shapes/top1"] == pytest.approx(want_top1)

@@ -307,3 +307,19 @@ def test_zero_shot_class_index_out_of_range_is_an_error():
     with pytest.raises(ValueError, match="class index 3 out of range for 3"):
         zero_shot_classify(model, torch.arange(3), torch.tensor([0, 1, 3]), ["a", "b", "c"], ["t|{}"],
                            _IdTokenizer({f"t|{c}": i for i, c in enumerate("abc")}))
+
+
+def test_retrieval_chance_equals_a_constant_model_and_k_over_n_without_repeats():
+    from llip_core.evaluate import retrieval_chance
+
+    tokens = torch.tensor([[0], [1], [1], [2], [3], [3], [3], [4]])  # caption rows; 1 and 3 repeat
+    owner = torch.tensor([0, 0, 1, 1, 2, 3, 4, 4])
+    flat = F.normalize(torch.ones(5, 4), dim=-1)
+    const = TableModel({"image_emb": flat}, {"text_emb": F.normalize(torch.ones(5, 4), dim=-1)})
+    got = retrieval_chance(tokens, owner, 5, ks=(1, 2))
+    want = retrieval_recall(const, torch.arange(5), tokens, ks=(1, 2), caption_image=owner)
+    for k in ("i2t_r@1", "i2t_r@2", "t2i_r@1", "t2i_r@2"):
+        assert got[k] == pytest.approx(want[k])
+    assert got["t2i_r@1"] > 1 / 5  # "3" captions images 2, 3 and 4: 3 positives among 5
+    distinct = retrieval_chance(torch.arange(9)[:, None], torch.arange(9), 9, ks=(1, 3))
+    assert distinct == pytest.approx({"i2t_r@1": 1 / 9, "t2i_r@1": 1 / 9, "i2t_r@3": 3 / 9, "t2i_r@3": 3 / 9})
