@@ -177,6 +177,9 @@ def _absolute(cfg: ExperimentConfig) -> ExperimentConfig:
         v = getattr(cfg.data, key)
         if v and "://" not in v:
             ov[f"data.{key}"] = os.path.abspath(v)
+    if cfg.eval.sets:
+        ov["eval.sets"] = [{**s.model_dump(exclude_none=True),
+                            "path": s.path if "://" in s.path else os.path.abspath(s.path)} for s in cfg.eval.sets]
     return cfg.with_overrides(ov)
 
 
