@@ -205,7 +205,7 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
     ckpt = result.checkpoint.path if result.checkpoint else None
     if ckpt:
         c.set_tag(run_id, "llip.checkpoint", ckpt)
-    _log_curves(c, run_id, dict(result.metrics or {}))
+    _log_curves(c, run_id, dict(result.metrics or {}), cfg.resolved_model().tau)
     _log_final_table(c, run_id, dict(result.metrics or {}))
     c.set_terminated(run_id, status="FINISHED")
     return RunResult(run_id=run_id, run_name=run_name, tracking_uri=uri, metrics=dict(result.metrics or {}),
@@ -274,14 +274,14 @@ def _log_final_table(c, run_id: str, metrics: dict[str, Any]) -> None:
     c.log_text(run_id, f"| metric | value |\n|---|---|\n{rows}\n", "eval/final.md")
 
 
-def _log_curves(c, run_id: str, final: Optional[dict] = None) -> None:
+def _log_curves(c, run_id: str, final: Optional[dict] = None, tau: Optional[float] = None) -> None:
     """Loss and eval curves as one PNG artifact, so the MLflow UI shows them next to the run."""
     from orchestrator.plots import plot_run_curves
 
     try:
         from orchestrator.evaluation import curve_keys
 
-        plot_run_curves(c, run_id, tuple(curve_keys(final or {})))
+        plot_run_curves(c, run_id, tuple(curve_keys(final or {}, tau)))
     except Exception as e:  # a plot must never fail a finished run
         print(f"[llip] warning: could not plot curves: {e}", flush=True)
 

@@ -153,15 +153,16 @@ def runner_for(cfg, infos: Sequence[dict], tokenizer_spec: Optional[dict] = None
                       recall_k=cfg.eval.recall_k, taus=taus, s3cfg=cfg.data.s3, device=device)
 
 
-def curve_keys(metrics: dict) -> list[str]:
-    """The metrics plotted over steps: training loss, then each set's headline (recall1 / top1 or
-    the first top1_tau*)."""
+def curve_keys(metrics: dict, tau: Optional[float] = None) -> list[str]:
+    """The metrics plotted over steps: training loss, then each set's headline: recall1, top1, or with
+    several taus the top-1 at the model's own tau (else the first listed)."""
     keys = ["train/loss"]
     sets = sorted({k.split("/")[1] for k in metrics if k.count("/") == 2 and k.startswith("eval/")})
     if "eval/recall1" in metrics:
         keys.append("eval/recall1")
     for s in sets:
-        cands = [f"eval/{s}/{h}" for h in HEADLINE] + sorted(k for k in metrics if k.startswith(f"eval/{s}/top1_tau"))
+        own = [f"eval/{s}/top1_tau{tau:g}"] if tau is not None else []
+        cands = [f"eval/{s}/{h}" for h in HEADLINE] + own + sorted(k for k in metrics if k.startswith(f"eval/{s}/top1_tau"))
         hit = next((k for k in cands if k in metrics), None)
         if hit:
             keys.append(hit)

@@ -141,7 +141,7 @@ def test_zero_shot_known_answer_dot_top1_top5():
     assert set(out) == {"top1"}
 
 
-@pytest.mark.parametrize("pooling", ["llip", "cls"])
+@pytest.mark.parametrize("pooling", ["llip", "cls", "avg", "register"])
 def test_zero_shot_real_model_matches_loop_reference(pooling):
     torch.manual_seed(0)
     cfg = SIZES["micro"].replace(pooling=pooling)
