@@ -23,6 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 NORM_EPS = 1e-12  # F.normalize's eps, so the efficient and literal scorers agree at zero norm too
+# The Gram route computes ||z_ij||^2 = a^T G_i a as a sum of terms as large as G_i's diagonal, so when
+# z_ij nearly cancels (values pointing opposite ways under one attention) its fp32 rounding noise, about
+# 1e-7 tr(G_i), can be the whole result, even negative: dividing by its square root gave scores far
+# outside [-1, 1]. Below this fraction of the image's Gram trace ||z_ij||^2 is noise, and the score's
+# denominator stays at sqrt(REL_NORM_EPS tr(G_i)), so such pairs score about 0.
+REL_NORM_EPS = 1e-6
 
 
 # ============================================================================ Llip pair scores
@@ -31,7 +37,7 @@ def llip_pair_logits_literal(keys, values, queries, text_emb, out_proj, tau):
     attn = (torch.einsum("ihkd,jhd->ijhk", keys, queries) / tau).softmax(-1)  # softmax over K
     mixed = torch.einsum("ijhk,ihkd->ijhd", attn, values).flatten(2)  # (B_img, B_txt, D), heads concat
     z = F.normalize(mixed @ out_proj, dim=-1, eps=NORM_EPS)
-    return torch.einsum("ijd,jd->ij", z, F.normalize(text_emb, dim=-1, eps=NORM_EPS))
+    return torch.einsum("ijd,jd->ij", z, F.normalize(text_emb, dim=-1, eps=NORM_EPS)).clamp(-1.0, 1.0)
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +81,8 @@ def _chunk_forward(kh, vh, qt, pt, c4):
     i.e. a Gram matrix per image in attention space (HK x HK); nothing of size D is built per pair.
     Layout: kh, vh (H, c, K, d); qt = q^T / tau, pt = p^T (H, d, n); per-pair tensors (H, c, K, n), so
     every product is one batched matmul over heads and no per-pair tensor is permuted except once for
-    the Gram product. Returns A (H,c,K,n), M = <V, p>, Ac = A as (c, HK, n), AG = G Ac, num, nsq.
+    the Gram product. Returns A (H,c,K,n), M = <V, p>, Ac = A as (c, HK, n), AG = G Ac, num, nsq, and
+    the floor of nsq (REL_NORM_EPS of each image's Gram trace, at least NORM_EPS^2; shape (c, 1)).
     """
     H, c, K, d = kh.shape
     n = qt.shape[-1]
@@ -83,9 +90,12 @@ def _chunk_forward(kh, vh, qt, pt, c4):
     M = torch.bmm(vh.view(H, c * K, d), pt).view(H, c, K, n)
     num = (A * M).sum((0, 2))  # (c, n)
     Ac = A.permute(1, 0, 2, 3).reshape(c, H * K, n)
-    AG = torch.bmm(_gram(vh, c4), Ac)  # (c, HK, n)
+    G = _gram(vh, c4)
+    floor = (REL_NORM_EPS * G.diagonal(dim1=1, dim2=2).sum(-1, keepdim=True)).clamp_min(NORM_EPS ** 2)
+    AG = torch.bmm(G, Ac)  # (c, HK, n)
+    del G
     nsq = (AG * Ac).sum(1)  # (c, n)
-    return A, M, Ac, AG, num, nsq
+    return A, M, Ac, AG, num, nsq, floor
 
 
 class _LlipScores(torch.autograd.Function):
@@ -101,8 +111,8 @@ class _LlipScores(torch.autograd.Function):
         out = keys.new_empty(B, qt.shape[-1])
         for s in range(0, B, chunk_size):
             kh, vh = _heads_first(keys[s:s + chunk_size]), _heads_first(values[s:s + chunk_size])
-            *_, num, nsq = _chunk_forward(kh, vh, qt, pt, c4)
-            out[s:s + chunk_size] = num / nsq.clamp_min(NORM_EPS ** 2).sqrt()
+            *_, num, nsq, floor = _chunk_forward(kh, vh, qt, pt, c4)
+            out[s:s + chunk_size] = num / torch.maximum(nsq, floor).sqrt()
         ctx.save_for_backward(keys, values, qt, pt, c4)
         return out
 
@@ -118,9 +128,9 @@ class _LlipScores(torch.autograd.Function):
                 kh, vh = _heads_first(keys[s:s + chunk]), _heads_first(values[s:s + chunk])
                 g = grad_out[s:s + chunk]
                 c = kh.shape[1]
-                A, M, Ac, AG, num, nsq = _chunk_forward(kh, vh, qt, pt, c4)
-                live = nsq > NORM_EPS ** 2  # below eps the norm is clamped: no gradient through it
-                nrm = nsq.clamp_min(NORM_EPS ** 2).sqrt()
+                A, M, Ac, AG, num, nsq, floor = _chunk_forward(kh, vh, qt, pt, c4)
+                live = nsq > floor  # below the floor the norm is held there: no gradient through it
+                nrm = torch.maximum(nsq, floor).sqrt()
                 d_num = g / nrm
                 d_nsq = torch.where(live, -0.5 * g * num / (nrm * nrm * nrm), torch.zeros_like(nrm))
                 # dG_i = sum_j d_nsq_ij a_ij a_ij^T, then Ac is no longer needed
@@ -152,17 +162,20 @@ class _LlipScores(torch.autograd.Function):
 PAIR_BUDGET = {"cpu": 1 << 22, "default": 1 << 26}
 
 
-def auto_chunk_size(n_txt: int, per_pair: int, device: torch.device) -> int:
-    """Images per chunk so that a (chunk, n_txt, per_pair) tensor fits PAIR_BUDGET elements."""
+def auto_chunk_size(n_txt: int, per_pair: int, device: torch.device, per_image: int = 0) -> int:
+    """Images per chunk so that the chunk's per-pair tensors (chunk, n_txt, per_pair) and per-image
+    ones (chunk, per_image) together fit PAIR_BUDGET elements. The Gram route's per-image part is its
+    (HK x HK) Gram matrices: with few texts (zero-shot: 10 prompts against thousands of images) they,
+    not the per-pair tensors, set the peak."""
     budget = PAIR_BUDGET.get(device.type, PAIR_BUDGET["default"])
-    return max(1, budget // max(1, n_txt * per_pair))
+    return max(1, budget // max(1, n_txt * per_pair + per_image))
 
 
 def _direct_chunk(keys, values, queries, t, W, tau):
     """The literal formulation for one chunk of images (t already normalised)."""
     attn = (torch.einsum("ihkd,jhd->ijhk", keys, queries) / tau).softmax(-1)
     z = torch.einsum("ijhk,ihkd->ijhd", attn, values).flatten(2) @ W
-    return torch.einsum("ijd,jd->ij", z, t) / z.norm(dim=-1).clamp_min(NORM_EPS)
+    return torch.einsum("ijd,jd->ij", z, t) / z.norm(dim=-1).clamp_min(NORM_EPS)  # exact norm: no floor needed
 
 
 def llip_pair_logits(keys, values, queries, text_emb, out_proj, tau, chunk_size: int | None = None,
@@ -170,7 +183,8 @@ def llip_pair_logits(keys, values, queries, text_emb, out_proj, tau, chunk_size:
     """Cosine similarity between each text-conditioned image embedding z_ij and each normalised text.
 
     keys, values: (B_img, H, K, D/H); queries: (B_txt, H, D/H); text_emb: (B_txt, D); out_proj: (D, D).
-    Returns (B_img, B_txt). `z_ij = concat_h(softmax_K(<K_i, Q_j>/tau) V_i) @ out_proj`, normalised.
+    Returns (B_img, B_txt) in [-1, 1]. `z_ij = concat_h(softmax_K(<K_i, Q_j>/tau) V_i) @ out_proj`, normalised
+    (a z_ij that cancels to rounding noise of the Gram route scores about 0: see REL_NORM_EPS).
 
     Efficient path (default), images `chunk_size` at a time (None: from PAIR_BUDGET), the backward
     recomputing each chunk, so no (B_img, B_txt, D) tensor exists and memory is O(chunk * B_txt *
@@ -187,8 +201,9 @@ def llip_pair_logits(keys, values, queries, text_emb, out_proj, tau, chunk_size:
     B, H, K, d = keys.shape
     D = H * d
     gram = H * K <= D
-    chunk = auto_chunk_size(queries.shape[0], H * K if gram else D, keys.device) if chunk_size is None \
-        else max(1, int(chunk_size))
+    # Gram route: G_i and the symmetrised copy _gram makes, 2 (HK)^2 per image
+    chunk = auto_chunk_size(queries.shape[0], H * K if gram else D, keys.device, 2 * (H * K) ** 2 if gram else 0) \
+        if chunk_size is None else max(1, int(chunk_size))
     with torch.autocast(device_type=keys.device.type, enabled=False):
         W = out_proj.to(dt)
         t = F.normalize(text_emb.to(dt), dim=-1, eps=NORM_EPS)
@@ -200,11 +215,12 @@ def llip_pair_logits(keys, values, queries, text_emb, out_proj, tau, chunk_size:
                 checkpoint(_direct_chunk, keys[s:s + chunk], values[s:s + chunk], queries, t, W, tau,
                            use_reentrant=False)
                 for s in range(0, B, chunk)
-            ])
+            ]).clamp(-1.0, 1.0)
         qt = (queries / tau).permute(1, 2, 0).contiguous()  # (H, d, B_txt)
         pt = (t @ W.T).view(-1, H, d).permute(1, 2, 0).contiguous()
         c4 = (W @ W.T).view(H, d, H, d).contiguous()
-        return _LlipScores.apply(keys, values, qt, pt, c4, chunk)
+        # a cosine: rounding can step past +-1 by an ulp, and nothing upstream expects more
+        return _LlipScores.apply(keys, values, qt, pt, c4, chunk).clamp(-1.0, 1.0)
 
 
 # ============================================================================ scorers
@@ -285,6 +301,43 @@ def neighbour_exchange_with_grad(from_rank: int, to_rank: int, tensor: torch.Ten
     return _NeighbourExchange.apply(tensor, from_rank, to_rank, group)
 
 
+def neighbour_exchange_bidir(left: int, right: int, to_left: torch.Tensor, to_right: torch.Tensor,
+                             group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Send one tensor to each neighbour and receive one from each: (from_left, from_right)."""
+    import torch.distributed as dist
+
+    from_left, from_right = torch.empty_like(to_right), torch.empty_like(to_left)
+    ops = [dist.P2POp(dist.isend, to_left.contiguous(), left, group=group),
+           dist.P2POp(dist.isend, to_right.contiguous(), right, group=group),
+           dist.P2POp(dist.irecv, from_left, left, group=group),
+           dist.P2POp(dist.irecv, from_right, right, group=group)]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return from_left, from_right
+
+
+class _NeighbourExchangeBidir(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, left, right, group, to_left, to_right):
+        ctx.left, ctx.right, ctx.group = left, right, group
+        return neighbour_exchange_bidir(left, right, to_left, to_right, group)
+
+    @staticmethod
+    def backward(ctx, grad_from_left, grad_from_right):
+        # each gradient goes back to the neighbour it came from; what arrives from the left is the
+        # gradient of what this rank sent left, and likewise on the right
+        g_left = grad_from_left if grad_from_left is not None else torch.zeros(0)
+        g_right = grad_from_right if grad_from_right is not None else torch.zeros(0)
+        back_left, back_right = _NeighbourExchangeBidir.apply(ctx.left, ctx.right, ctx.group, g_left, g_right)
+        return None, None, None, back_left, back_right
+
+
+def neighbour_exchange_bidir_with_grad(left: int, right: int, to_left: torch.Tensor, to_right: torch.Tensor,
+                                       group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`neighbour_exchange_bidir` whose backward returns each gradient to its sender."""
+    return _NeighbourExchangeBidir.apply(left, right, group, to_left, to_right)
+
+
 def _pack(features: dict, keys: tuple[str, ...]) -> tuple[torch.Tensor, list]:
     """Several per-sample tensors as one (B, F) tensor, so one message carries them all."""
     parts = [features[k] for k in keys]
@@ -304,7 +357,9 @@ def _unpack(packed: torch.Tensor, layout: list) -> dict:
 class SigmoidLoss(nn.Module):
     """`-sum_ij log sigmoid(y_ij (s * score_ij + b)) / B_local`, y = +1 on the diagonal, -1 elsewhere.
 
-    Other ranks' texts arrive around a ring (world_size - 1 hops) and contribute negatives only."""
+    Other ranks' texts arrive around a ring and contribute negatives only. The ring runs both ways at
+    once (open_clip's bidir=True): (N-1)//2 hops each send one message left and one right, then one
+    rightward hop when N is even reaches the opposite rank, so about N/2 hops instead of N-1."""
 
     def __init__(self, scorer: Callable, text_keys: tuple[str, ...], rank: int = 0, world_size: int = 1,
                  group=None):
@@ -324,10 +379,16 @@ class SigmoidLoss(nn.Module):
         if self.world_size > 1:
             right, left = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
             packed, layout = _pack(text_features, self.text_keys)
-            for _ in range(self.world_size - 1):
-                packed = neighbour_exchange_with_grad(left, right, packed, self.group)
-                other = _unpack(packed, layout)
-                loss = loss + self._terms(self.scorer(image_features, other, **scoring), logit_scale, logit_bias, False)
+            negatives = lambda p: self._terms(  # noqa: E731
+                self.scorer(image_features, _unpack(p, layout), **scoring), logit_scale, logit_bias, False)
+            to_left = to_right = packed
+            both_ways, one_more = divmod(self.world_size - 1, 2)
+            for _ in range(both_ways):
+                from_left, from_right = neighbour_exchange_bidir_with_grad(left, right, to_left, to_right, self.group)
+                loss = loss + negatives(from_left) + negatives(from_right)
+                to_left, to_right = from_right, from_left  # each stream keeps its direction
+            if one_more:  # N even: the opposite rank's texts, one more hop rightwards
+                loss = loss + negatives(neighbour_exchange_with_grad(left, right, to_right, self.group))
         return {"loss": loss}
 
 
@@ -492,10 +553,10 @@ class MultiCaptionInfoNCELoss(nn.Module):
         owner = torch.arange(all_mask.shape[0], device=device).repeat_interleave(M)
         negative = all_mask.reshape(-1)[None, :] & (owner[None, :] != rows[:, None])  # (b, B*M)
         pos = i2t.gather(1, rows[:, None] * M + torch.arange(M, device=device)[None, :])  # (b, M)
-        neg = i2t.masked_fill(~negative, float("-inf"))
-        # each positive with all negatives; the positive column keeps every row finite
-        both = torch.cat([pos[:, :, None], neg[:, None, :].expand(-1, M, -1)], dim=2)
-        term_i2t = torch.logsumexp(both, dim=2) - pos
+        # log-sum-exp of the negatives once per image; the finite floor (not -inf) keeps a row without
+        # negatives (a batch of one image) free of NaN gradients, and adds exactly 0 otherwise
+        lse_neg = i2t.masked_fill(~negative, torch.finfo(i2t.dtype).min).logsumexp(1)
+        term_i2t = torch.logaddexp(pos, lse_neg[:, None]) - pos
         term_t2i = F.cross_entropy(t2i, rows.repeat_interleave(M), reduction="none").view(b, M)
         scale = _global_scale(mask, self.world_size, self.group).to(i2t.dtype)
         zero = torch.zeros((), dtype=i2t.dtype, device=device)
