@@ -46,6 +46,9 @@ def pair_scores(model, img_feats: dict, txt_feats: dict, batch_size: int = 256,
                       for s in range(0, n, batch_size)])
 
 
+_ROWS_PER_BLOCK = 1024
+
+
 def expected_hits(scores: torch.Tensor, positive: torch.Tensor, ks: Sequence[int]) -> dict[int, torch.Tensor]:
     """Per row, the probability that some positive column ranks within the top k when tied scores
     are put in a uniformly random order.
@@ -56,6 +59,10 @@ def expected_hits(scores: torch.Tensor, positive: torch.Tensor, ks: Sequence[int
     the row is a hit at k when g + X < k."""
     if not bool(positive.any(1).all()):
         raise ValueError("every row needs at least one positive column")
+    if scores.shape[0] > _ROWS_PER_BLOCK:  # bounded float64 copies on COCO-sized score matrices
+        parts = [expected_hits(scores[i:i + _ROWS_PER_BLOCK], positive[i:i + _ROWS_PER_BLOCK], ks)
+                 for i in range(0, scores.shape[0], _ROWS_PER_BLOCK)]
+        return {k: torch.cat([p[k] for p in parts]) for k in ks}
     s = scores.double()
     best = s.masked_fill(~positive, float("-inf")).max(1, keepdim=True).values
     neg = ~positive

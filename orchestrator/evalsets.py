@@ -90,13 +90,6 @@ class _Store:
         with self.fs.open_input_stream(self.path(rel)) as f:
             return f.read().decode("utf-8", errors="replace")
 
-    def is_dir(self, rel: str) -> bool:
-        import pyarrow.fs as pafs
-
-        if self.url.startswith("s3://"):  # S3 has no folders: a prefix "exists" when objects lie under it
-            return bool(self.tars(rel)) or self.read_text(f"{rel}/{NSHARDS}") is not None
-        return self.fs.get_file_info(self.path(rel)).type == pafs.FileType.Directory
-
     def tars(self, rel: str) -> list[str]:
         """Names of the .tar files directly in rel, in natural order (2.tar before 10.tar)."""
         import pyarrow.fs as pafs

@@ -323,3 +323,17 @@ def test_retrieval_chance_equals_a_constant_model_and_k_over_n_without_repeats()
     assert got["t2i_r@1"] > 1 / 5  # "3" captions images 2, 3 and 4: 3 positives among 5
     distinct = retrieval_chance(torch.arange(9)[:, None], torch.arange(9), 9, ks=(1, 3))
     assert distinct == pytest.approx({"i2t_r@1": 1 / 9, "t2i_r@1": 1 / 9, "i2t_r@3": 3 / 9, "t2i_r@3": 3 / 9})
+
+
+def test_expected_hits_in_row_blocks_equals_one_block(monkeypatch):
+    import llip_core.evaluate as ev
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (50, 9), generator=g).float()  # many ties
+    positive = torch.rand(50, 9, generator=g) < 0.3
+    positive[:, 0] |= ~positive.any(1)
+    whole = expected_hits(scores, positive, [1, 3])
+    monkeypatch.setattr(ev, "_ROWS_PER_BLOCK", 7)
+    blocks = expected_hits(scores, positive, [1, 3])
+    for k in (1, 3):
+        torch.testing.assert_close(blocks[k], whole[k])
