@@ -75,6 +75,16 @@ def _valid_rows(batch: dict, tallies: dict) -> tuple[list[int], list[list[str]]]
     return rows, caps
 
 
+def _source_json(js: Optional[bytes], caps: list[str]) -> dict:
+    """The record's own json object (other keys, e.g. caption roles, pass through untouched), or
+    {"captions": [...]} for a record that had only a txt caption."""
+    try:
+        obj = json.loads(js) if js is not None else None
+    except (ValueError, UnicodeDecodeError):
+        obj = None
+    return dict(obj) if isinstance(obj, dict) and isinstance(obj.get("captions"), list) else {"captions": caps}
+
+
 class CountUDF:
     """Pass 1 (a map_batches actor): a block of raw records -> {"entry", "n"} partial counts."""
 
@@ -125,8 +135,8 @@ class SelectUDF:
                 jsons.append(b"")
                 continue
             url = str(batch["url"][i])
-            meta = {"captions": caps[j], "entries": e.tolist(),
-                    "source": f"{url.rsplit('/', 1)[-1]}/{batch['key'][i]}"}
+            meta = _source_json(batch["json"][i], caps[j])
+            meta.update({"entries": e.tolist(), "source": f"{url.rsplit('/', 1)[-1]}/{batch['key'][i]}"})
             if self.mode == "online":
                 meta["keep_prob"] = float(keep_p[j])
             images.append(bytes(batch["image"][i]))
@@ -259,7 +269,7 @@ def _curate(cfg, entries, meta_sha, paths, fs, dest, source_manifest, mc, run_id
     from ray.data import DataContext
 
     from llip_core.curation import balance_summary, entry_probabilities
-    from orchestrator.data import read_shards
+    from orchestrator.data import _captions, read_shards
     from orchestrator.driver import init_ray
     from orchestrator.shards import FORMAT, MANIFEST, tar_bytes
 
@@ -325,9 +335,9 @@ def _curate(cfg, entries, meta_sha, paths, fs, dest, source_manifest, mc, run_id
                 image = batch["image"][j]
                 meta = batch["json"][j]
                 key = f"train-{written:07d}"
-                caps = json.loads(meta)["captions"]
+                first = _captions(None, bytes(meta))[0]  # the txt member readers without json use
                 pending.append([(f"{key}.{_image_ext(image)}", bytes(image)),
-                                (f"{key}.txt", caps[0].encode("utf-8")), (f"{key}.json", bytes(meta))])
+                                (f"{key}.txt", first.encode("utf-8")), (f"{key}.json", bytes(meta))])
                 written += 1
                 if len(pending) >= c.samples_per_shard:
                     flush()
