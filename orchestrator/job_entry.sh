@@ -1,5 +1,6 @@
 #!/bin/sh
-# Entry point of a Ray job submitted by `llip submit` (runs on the head, in the job's working dir).
+# Entry point of a Ray job submitted by `llip submit` (runs on the head, in the job's working dir;
+# `llip submit` inlines this file into the entrypoint as `sh -c SCRIPT llip-job ARGS`).
 #
 # A job's bare `python` is whatever the head's PATH says, often the system interpreter without our
 # dependencies. The interpreter that certainly has them is the one running this cluster's Ray
@@ -7,7 +8,7 @@
 # (unresolved, so a venv stays a venv; the workers' own command lines are overwritten with
 # "ray::..." titles). $LLIP_PYTHON, when set, wins; `python3`/`python` are the last resort.
 #
-# Usage: sh orchestrator/job_entry.sh run|sweep FILE.yaml [llip args...]
+# Usage: sh job_entry.sh run|sweep FILE.yaml [llip args...]
 set -e
 
 ok() { [ -n "$1" ] && "$1" -c "import ray, torch, mlflow" >/dev/null 2>&1; }
@@ -36,5 +37,6 @@ fi
 # head is ~/llip/mlflow.db unless the submitter passed MLFLOW_TRACKING_URI.
 mkdir -p "$HOME/llip"
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$HOME/llip/mlflow.db}"
-echo "[llip job] python: $PY   MLflow: $MLFLOW_TRACKING_URI"
+LIB=$("$PY" -c 'import os, orchestrator; print(os.path.dirname(os.path.dirname(orchestrator.__file__)))')
+echo "[llip job] python: $PY   llip from: $LIB   MLflow: $MLFLOW_TRACKING_URI"
 exec "$PY" -m orchestrator "$@"

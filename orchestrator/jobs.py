@@ -1,13 +1,18 @@
 """`llip submit FILE.yaml --address http://HEAD:8265`: run an experiment or sweep on a remote Ray
 cluster as a Ray job.
 
-The working tree is uploaded as the job's working_dir (without data, venvs, results or .git), and
-the job runs `orchestrator/job_entry.sh`, which finds the Python that runs the cluster's Ray
+Ray's convention: the user's folder travels as the job's working_dir (`--working-dir`, default the
+current folder: a research repository with its own experiments/, without data, venvs, results or
+.git), and the library travels beside it: this client's own `llip_core` and `orchestrator` go as
+`py_modules`, so the cluster runs exactly the client's version whether llip-orch is installed there
+or not. The job runs the script in `orchestrator/job_entry.sh` (inlined into the entrypoint, since
+the package is not a folder of the working_dir), which finds the Python that runs the cluster's Ray
 workers instead of trusting the head's bare `python`. The experiment is validated here first so a
 typo fails in one line on the laptop, not minutes later on the cluster.
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 import shlex
 import sys
@@ -19,16 +24,20 @@ from typing import Optional
 from orchestrator.config import ExperimentConfig, load_config
 from orchestrator.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
-ENTRY = "orchestrator/job_entry.sh"
-# Never uploaded: big, local-only, or results (gitignore syntax, relative to the repo root).
-EXCLUDES = [".venv/", "data/", "runs/", "ray_results/", "mlruns/", "mlflow.db", ".git/", "**/__pycache__/",
+ENTRY_SCRIPT = Path(__file__).resolve().parent / "job_entry.sh"
+# Never uploaded: big, local-only, or results (gitignore syntax, relative to the working_dir).
+EXCLUDES = [".venv/", "venv/", "data/", "runs/", "ray_results/", "mlruns/", "mlflow.db", ".git/", "**/__pycache__/",
             "*.egg-info/", ".pytest_cache/", "build/", ".cache/", ".config/", ".mypy_cache/", ".ruff_cache/"]
+MODULE_EXCLUDES = ["**/__pycache__/"]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def add_args(p) -> None:
-    p.add_argument("file", metavar="FILE.yaml", help="experiment file inside this repository")
+    p.add_argument("file", metavar="FILE.yaml", help="experiment file inside the working dir")
+    p.add_argument("--working-dir", default=".",
+                   help="folder uploaded as the job's working_dir (default: the current folder); the experiment "
+                        "file and its base: files must be inside it")
     p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
                    help="the cluster's job API, e.g. http://127.0.0.1:8265 after `ray dashboard cluster.yaml` "
                         "(default: $RAY_API_SERVER_ADDRESS)")
@@ -58,13 +67,56 @@ def normalize_address(address: Optional[str]) -> str:
     return address.rstrip("/")
 
 
-def _repo_relative(path: str) -> str:
+def _relative(path: str, working_dir: Path) -> str:
     p = Path(path).resolve()
     try:
-        return p.relative_to(REPO).as_posix()
+        return p.relative_to(working_dir).as_posix()
     except ValueError:
-        raise UserError(f"{path}: the experiment file must be inside the repository ({REPO}), "
-                        "which is what gets uploaded with the job") from None
+        raise UserError(f"{path}: the experiment file must be inside the working dir ({working_dir}), which is what "
+                        "gets uploaded with the job; cd to your project or pass --working-dir") from None
+
+
+def _excluded(rel: str, is_dir: bool, patterns: list[str]) -> bool:
+    """The subset of gitignore matching our exclude lists use (names, globs, `**/` prefixes)."""
+    name = rel.rsplit("/", 1)[-1]
+    for pat in patterns:
+        if pat.endswith("/") and not is_dir:
+            continue
+        pat = pat.rstrip("/")
+        if pat.startswith("**/"):
+            if fnmatch.fnmatch(name, pat[3:]):
+                return True
+        elif "/" not in rel and fnmatch.fnmatch(name, pat):  # top-level entries, as in .gitignore
+            return True
+        elif fnmatch.fnmatch(rel, pat):
+            return True
+    return False
+
+
+def upload_size(root: Path, patterns: list[str]) -> tuple[int, int]:
+    """(files, bytes) that an upload of root with these excludes carries."""
+    files = size = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        rel = (lambda n: n) if rel_dir == "." else (lambda n: f"{rel_dir}/{n}")
+        dirnames[:] = [d for d in dirnames if not _excluded(rel(d), True, patterns)]
+        for f in filenames:
+            if not _excluded(rel(f), False, patterns):
+                files += 1
+                size += os.path.getsize(os.path.join(dirpath, f))
+    return files, size
+
+
+def library_modules() -> list[str]:
+    """The folders of the llip_core and orchestrator packages this client imports."""
+    import llip_core
+    import orchestrator
+
+    return [str(Path(m.__file__).resolve().parent) for m in (llip_core, orchestrator)]
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
 
 
 def _check_paths(cfg: ExperimentConfig) -> None:
@@ -82,7 +134,10 @@ def build_submission(args) -> dict:
     """Everything submit_job needs; pure, so tests and --help users can see what would be sent."""
     from orchestrator.driver import parse_overrides
 
-    rel = _repo_relative(args.file)
+    working_dir = Path(getattr(args, "working_dir", None) or ".").resolve()
+    if not working_dir.is_dir():
+        raise UserError(f"--working-dir {working_dir} is not a folder")
+    rel = _relative(args.file, working_dir)
     cfg = load_config(args.file)
     overrides = parse_overrides(args.overrides)
     if overrides:
@@ -97,7 +152,8 @@ def build_submission(args) -> dict:
         argv += ["--set", item]
     if args.run_name:
         argv += ["--run-name", args.run_name]
-    entry = "sh " + ENTRY + " " + " ".join(shlex.quote(a) for a in argv)
+    # `sh -c SCRIPT NAME ARGS...`: the entry script travels inside the entrypoint itself.
+    entry = "sh -c " + shlex.quote(ENTRY_SCRIPT.read_text()) + " llip-job " + " ".join(shlex.quote(a) for a in argv)
     if "://" not in cfg.storage_path and not os.path.isabs(cfg.storage_path) and "storage_path" not in overrides:
         # Single-quoted for Python, double-quoted for the head's shell so $HOME expands there.
         entry += ' --set "storage_path=' + (args.storage_path or "$HOME/llip/runs") + '"'
@@ -115,7 +171,8 @@ def build_submission(args) -> dict:
         env["LLIP_GIT_COMMIT"] = commit  # .git is not uploaded; keep the run's commit tag honest
     return {
         "entrypoint": entry,
-        "runtime_env": {"working_dir": str(REPO), "excludes": EXCLUDES, "env_vars": env},
+        "runtime_env": {"working_dir": str(working_dir), "excludes": EXCLUDES, "py_modules": library_modules(),
+                        "env_vars": env},
         "submission_id": args.submission_id or f"llip-{cfg.name}-{uuid.uuid4().hex[:8]}",
         "metadata": {"llip.experiment": cfg.name, "llip.command": command, "llip.file": rel},
     }
@@ -148,10 +205,19 @@ def connect(address: str, timeout_s: float = 10.0):
 def cli(args) -> int:
     address = normalize_address(args.address)
     sub = build_submission(args)
+    env = sub["runtime_env"]
+    wd_files, wd_bytes = upload_size(Path(env["working_dir"]), EXCLUDES)
+    lib = [upload_size(Path(m), MODULE_EXCLUDES) for m in env["py_modules"]]
+    print(f"uploading {env['working_dir']} ({wd_files} files, {_fmt_bytes(wd_bytes)}; not {', '.join(EXCLUDES[:4])}...) "
+          f"and this client's llip_core + orchestrator ({sum(f for f, _ in lib)} files, "
+          f"{_fmt_bytes(sum(b for _, b in lib))})")
+    if wd_bytes > 100e6:
+        print(f"[llip] warning: the working dir upload is {_fmt_bytes(wd_bytes)}; Ray refuses packages over 512 MB. "
+              "Keep shards and results out of it (data/ and runs/ are excluded) or use --working-dir")
     client = connect(address)
     job_id = client.submit_job(**sub)
     print(f"submitted job {job_id} to {address}")
-    print(f"  entrypoint: {sub['entrypoint']}")
+    print(f"  runs:       llip {sub['entrypoint'].split(' llip-job ', 1)[1]}  (with the cluster's worker Python)")
     print(f"  follow:     ray job logs {job_id} --address {address} --follow")
     print(f"  status:     ray job status {job_id} --address {address}")
     print(f"  stop:       ray job stop {job_id} --address {address}")

@@ -149,13 +149,14 @@ def test_unreachable_address_is_one_line():
 
 
 def args(**kw):
-    base = dict(file=str(ROOT / "experiments" / "smoke.yaml"), address="http://h:8265", sweep=False, wait=False,
+    base = dict(file=str(ROOT / "experiments" / "smoke.yaml"), working_dir=str(ROOT), address="http://h:8265",
+                sweep=False, wait=False,
                 overrides=["data.train=s3://b/train", "data.eval=s3://b/eval"], run_name=None, tracking_uri=None,
                 storage_path=None, python=None, submission_id=None)
     return Namespace(**{**base, **kw})
 
 
-def test_submission_uploads_the_repo_without_big_dirs_and_runs_the_entry_script(monkeypatch):
+def test_submission_uploads_the_working_dir_without_big_dirs_and_runs_the_entry_script(monkeypatch):
     from orchestrator.jobs import build_submission
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
@@ -165,10 +166,12 @@ def test_submission_uploads_the_repo_without_big_dirs_and_runs_the_entry_script(
     for d in (".venv/", "data/", "runs/", "mlflow.db", ".git/"):
         assert d in env["excludes"]
     assert env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"  # a server URI travels
-    assert sub["entrypoint"].startswith("sh orchestrator/job_entry.sh run experiments/smoke.yaml --set ")
+    assert sub["entrypoint"].startswith("sh -c ")  # the entry script travels inline: the library is not in working_dir
+    assert (ROOT / "orchestrator" / "job_entry.sh").read_text().strip()[:40] in sub["entrypoint"].replace("'\"'\"'", "'")
+    assert " llip-job run experiments/smoke.yaml --set " in sub["entrypoint"]
+    assert sorted(Path(m).name for m in env["py_modules"]) == ["llip_core", "orchestrator"]
     assert "--run-name r1" in sub["entrypoint"]
     assert '--set "storage_path=$HOME/llip/runs"' in sub["entrypoint"]  # relative local storage: head-side default
-    assert (ROOT / "orchestrator" / "job_entry.sh").is_file()
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")  # a local file means nothing on the head
     assert "MLFLOW_TRACKING_URI" not in build_submission(args())["runtime_env"]["env_vars"]
@@ -177,7 +180,7 @@ def test_submission_uploads_the_repo_without_big_dirs_and_runs_the_entry_script(
 @pytest.mark.parametrize("kw, fragment", [
     (dict(overrides=[]), "data.train 'data/emoji/train' is a relative local path"),
     (dict(sweep=True), "--sweep given but the file has no sweep: section"),
-    (dict(file="/tmp/elsewhere.yaml"), "must be inside the repository"),
+    (dict(file="/tmp/elsewhere.yaml"), "must be inside the working dir"),
     (dict(overrides=["data.train=s3://b/t", "train.stepz=3"]), "train.stepz"),
 ])
 def test_bad_submissions_fail_locally_in_one_line(kw, fragment):
@@ -192,5 +195,5 @@ def test_sweep_submission(tmp_path):
     from orchestrator.jobs import build_submission
 
     sub = build_submission(args(file=str(ROOT / "experiments" / "sweep_demo.yaml"), sweep=True))
-    assert sub["entrypoint"].startswith("sh orchestrator/job_entry.sh sweep experiments/sweep_demo.yaml")
+    assert " llip-job sweep experiments/sweep_demo.yaml" in sub["entrypoint"]
     assert sub["metadata"]["llip.command"] == "sweep"

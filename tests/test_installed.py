@@ -1,0 +1,107 @@
+"""llip-orch as an installed tool: a non-editable install (`pip install .` into a folder of its own),
+used from a project folder outside this repository that holds only experiments/*.yaml."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_jobs import ray_head  # noqa: F401  (fixture: a real `ray start --head`)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """A non-editable build of this checkout in its own folder; PYTHONPATH puts it ahead of the
+    venv's editable install, whose dependencies (ray, torch, ...) it still uses."""
+    target = tmp_path_factory.mktemp("site")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return target
+
+
+def _env(installed, base=None):
+    env = dict(base or os.environ)
+    env["PYTHONPATH"] = str(installed)
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def llip(installed, cwd, *args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "orchestrator", *map(str, args)], cwd=cwd, env=env or _env(installed),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_installed_copy_is_used_and_init_writes_a_working_project(installed, tmp_path):
+    proj = tmp_path / "myproj"
+    r = subprocess.run([sys.executable, "-c", "import orchestrator; print(orchestrator.__file__)"], cwd=tmp_path,
+                       env=_env(installed), capture_output=True, text=True)
+    assert r.stdout.strip() == str(installed / "orchestrator" / "__init__.py")  # not the checkout's
+
+    r = llip(installed, tmp_path, "init", proj)
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in (proj / "experiments").glob("*.yaml"))
+    assert "demo.yaml" in names and "base.yaml" not in names  # inherits the shipped base instead
+    assert "base: llip:base.yaml" in (proj / "experiments" / "demo.yaml").read_text()
+    r = llip(installed, proj, "validate", *[f"experiments/{n}" for n in names])
+    assert r.returncode == 0 and r.stdout.count("ok  ") == len(names), r.stdout + r.stderr
+
+    # A project experiment of the user's own, inheriting the packaged base by name.
+    (proj / "experiments" / "mine.yaml").write_text("base: llip:base.yaml\nname: mine\ntrain:\n  steps: 7\n")
+    r = llip(installed, proj, "validate", "experiments/mine.yaml")
+    assert r.returncode == 0 and "mine (run" in r.stdout
+    (proj / "experiments" / "typo.yaml").write_text("base: llip:bsae.yaml\nname: typo\n")
+    r = llip(installed, proj, "validate", "experiments/typo.yaml")
+    assert r.returncode == 2 and "llip-orch ships no 'bsae.yaml'" in r.stdout
+
+    r = llip(installed, proj, "init", proj)  # never overwrites silently
+    assert r.returncode == 2 and "already exists; pass --force" in r.stderr
+
+    r = llip(installed, proj, "run", "experiments/demo.yaml")  # no shards built yet: fails before Ray
+    assert r.returncode == 2 and "data.train: data/emoji/train does not exist" in r.stderr
+
+
+def test_submission_ships_the_clients_library_and_the_users_folder(installed, tmp_path):
+    r = llip(installed, tmp_path, "init", tmp_path)
+    probe = ("import sys, json; from argparse import Namespace; from orchestrator.jobs import build_submission; "
+             "a = Namespace(file='experiments/smoke.yaml', working_dir='.', address='http://h:8265', sweep=False, "
+             "wait=False, overrides=['data.train=s3://b/t', 'data.eval=null'], run_name=None, tracking_uri=None, "
+             "storage_path=None, python=None, submission_id=None); print(json.dumps(build_submission(a)))")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=_env(installed), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    sub = json.loads(r.stdout)
+    env = sub["runtime_env"]
+    assert env["working_dir"] == str(tmp_path)
+    assert sorted(env["py_modules"]) == [str(installed / "llip_core"), str(installed / "orchestrator")]
+    assert sub["entrypoint"].startswith("sh -c ") and " llip-job run experiments/smoke.yaml " in sub["entrypoint"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(720)
+def test_submit_from_a_project_outside_the_repo_with_a_non_editable_install(installed, ray_head, emoji_shards, tmp_path):  # noqa: F811
+    from mlflow.tracking import MlflowClient
+
+    address, head_env = ray_head
+    proj = tmp_path / "research"
+    assert llip(installed, tmp_path, "init", proj).returncode == 0
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    r = llip(installed, proj, "submit", "experiments/smoke.yaml", "--address", address, "--wait",
+             "--set", f"data.train={emoji_shards / 'train'}", "--set", f"data.eval={emoji_shards / 'eval'}",
+             "--set", "train.steps=10", "--tracking-uri", uri, "--storage-path", str(tmp_path / "runs"),
+             env=_env(installed, head_env), timeout=660)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+    assert r.stdout.startswith(f"uploading {proj} (")  # says what travels, and how much
+    assert "this client's llip_core + orchestrator (" in r.stdout.splitlines()[0]
+    assert "SUCCEEDED" in r.stdout.splitlines()[-1]
+    # The job imported the shipped library (Ray's py_modules folder), not a copy on the cluster.
+    lib = next(line for line in r.stdout.splitlines() if line.startswith("[llip job] python:")).split("llip from: ")[1].split()[0]
+    assert lib != str(ROOT) and lib != str(installed) and "runtime_resources" in lib, lib
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_experiment_by_name("smoke").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
