@@ -14,7 +14,11 @@ How it measures
   minimum over rounds (the same every round, up to allocator noise).
 - "Ours" uses the library default chunking (`chunk_size=None`: per-pair chunk tensors of at most
   losses.PAIR_BUDGET elements); `--chunks 64 128` adds fixed chunk sizes for comparison.
-The last line is a JSON object with the headline ratios (literal / ours).
+- Zero-shot memory: scoring 10 class prompts against 4,096 images (forward only, no grad, as
+  evaluation does) must stay under the peak of one training batch (B = 256, forward + backward).
+  With few texts the per-image (HK x HK) Gram matrices, not the per-pair tensors, set the peak; the
+  automatic chunk size counts both (losses.auto_chunk_size).
+The last line is a JSON object with the headline ratios (literal / ours) and the zero-shot peak.
 
 Run: python benchmarks/llip_scoring.py            (a few minutes on 2 idle cores)
 """
@@ -38,23 +42,36 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(field)
 
 
-def _inputs(torch, B, seed=0):
+def _inputs(torch, B, seed=0, n_txt=None, dims=(D, K, H)):
     g = torch.Generator().manual_seed(seed)
-    d = D // H
-    r = lambda *s, sc=1.0: (sc * torch.randn(*s, generator=g)).requires_grad_()
-    return [r(B, H, K, d), r(B, H, K, d), r(B, H, d), r(B, D), r(D, D, sc=D ** -0.5)]
+    D_, K_, H_ = dims
+    d = D_ // H_
+    T = B if n_txt is None else n_txt
+    r = lambda *s, sc=1.0: (sc * torch.randn(*s, generator=g)).requires_grad_()  # noqa: E731
+    return [r(B, H_, K_, d), r(B, H_, K_, d), r(T, H_, d), r(T, D_), r(D_, D_, sc=D_ ** -0.5)]
 
 
-def worker(B: int, variant: str, chunk: int | None, threads: int, repeats: int) -> dict:
+ZEROSHOT_PROMPTS = 10
+
+
+def worker(B: int, variant: str, chunk: int | None, threads: int, repeats: int, dims=(D, K, H)) -> dict:
+    """variant: literal | ours (B x B, forward + backward) | zeroshot (B images x 10 prompts, no grad)."""
     import torch
 
     from llip_core.losses import llip_pair_logits
 
     torch.set_num_threads(threads)
     literal = variant == "literal"
-    run = lambda xs: llip_pair_logits(*xs, TAU, chunk_size=chunk, literal=literal).sum().backward()
-    run(_inputs(torch, 8))  # thread pools, kernels
-    xs = _inputs(torch, B)
+    if variant == "zeroshot":
+        def run(xs):
+            with torch.no_grad():
+                llip_pair_logits(*xs, TAU, chunk_size=chunk)
+        make = lambda n: _inputs(torch, n, n_txt=ZEROSHOT_PROMPTS, dims=dims)  # noqa: E731
+    else:
+        run = lambda xs: llip_pair_logits(*xs, TAU, chunk_size=chunk, literal=literal).sum().backward()  # noqa: E731
+        make = lambda n: _inputs(torch, n, dims=dims)  # noqa: E731
+    run(make(8))  # thread pools, kernels
+    xs = make(B)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
@@ -75,9 +92,9 @@ def worker(B: int, variant: str, chunk: int | None, threads: int, repeats: int) 
     return {"time_s": min(times), "peak_mb": (peak - base) / 1024, "hwm_reset": reset}
 
 
-def _spawn(B, variant, chunk, threads, repeats):
+def _spawn(B, variant, chunk, threads, repeats, dims=(D, K, H)):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--B", str(B), "--threads", str(threads),
-           "--repeats", str(repeats)]
+           "--repeats", str(repeats), "--dims", *map(str, dims)]
     if chunk is not None:
         cmd += ["--chunk", str(chunk)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -102,7 +119,9 @@ def _check_parity(B=64):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worker", choices=["literal", "ours"])
+    ap.add_argument("--worker", choices=["literal", "ours", "zeroshot"])
+    ap.add_argument("--dims", type=int, nargs=3, default=[D, K, H], metavar=("D", "K", "H"))
+    ap.add_argument("--zeroshot-images", type=int, default=4096)
     ap.add_argument("--B", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--chunk", type=int, default=None)
     ap.add_argument("--chunks", type=int, nargs="*", default=[], help="extra fixed chunk sizes for 'ours'")
@@ -114,7 +133,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="extra timed calls per subprocess")
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.B[0], args.worker, args.chunk, args.threads, args.repeats)))
+        print(json.dumps(worker(args.B[0], args.worker, args.chunk, args.threads, args.repeats, tuple(args.dims))))
         return
 
     err = _check_parity()
@@ -147,6 +166,13 @@ def main() -> None:
         headline[f"ours_peak_mb_b{B}"] = round(ours["peak_mb"], 1)
         headline[f"literal_time_s_b{B}"] = round(lit["time_s"], 3)
         headline[f"ours_time_s_b{B}"] = round(ours["time_s"], 3)
+    # zero-shot: 10 prompts x N images, forward only, against one training batch of 256 (fwd + bwd)
+    zs = min(_spawn(args.zeroshot_images, "zeroshot", None, args.threads, 0)["peak_mb"] for _ in range(args.rounds))
+    train = min(_spawn(256, "ours", None, args.threads, 0)["peak_mb"] for _ in range(args.rounds))
+    print(f"zero-shot {ZEROSHOT_PROMPTS} prompts x {args.zeroshot_images} images (no grad): peak {zs:8.1f} MB; "
+          f"training batch B=256 fwd+bwd: peak {train:8.1f} MB")
+    headline["zeroshot_peak_mb"] = round(zs, 1)
+    headline["train_b256_peak_mb"] = round(train, 1)
     headline["parity_max_abs_diff"] = float(f"{err:.3g}")
     print(json.dumps(headline))
 

@@ -154,11 +154,12 @@ class _LlipScores(torch.autograd.Function):
         return dkeys, dvalues, dqt, dpt, dc4, None
 
 
-# Auto chunking: per-pair chunk tensors of at most this many elements. On CPU, 4M fp32 = 16 MB stays
-# under glibc's 32 MB mmap threshold, so chunk buffers are reused from the heap instead of being
-# mmapped and page-faulted afresh each time (benchmarks/llip_scoring.py here, B=512: fwd+bwd 3.1 s with
-# the auto 32-image chunks, 5.3 s with 128-image ones). CUDA's caching allocator has no such cost, so
-# it gets bigger chunks.
+# Auto chunking: per-pair chunk tensors (plus, on the Gram route, the chunk's Gram matrices) of at most
+# this many elements. On CPU, 4M fp32 = 16 MB stays under glibc's 32 MB mmap threshold, so chunk
+# buffers are reused from the heap instead of being mmapped and page-faulted afresh each time
+# (benchmarks/llip_scoring.py here, B=512, before the Gram term was counted: fwd+bwd 3.1 s with 32-image
+# chunks, 5.3 s with 128-image ones; B=256 with it: 21-image chunks 1.0 s and 125 MB, 64-image ones
+# 1.7 s and 336 MB). CUDA's caching allocator has no such cost, so it gets bigger chunks.
 PAIR_BUDGET = {"cpu": 1 << 22, "default": 1 << 26}
 
 

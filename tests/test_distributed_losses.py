@@ -63,14 +63,31 @@ def _init(rank, world_size, init_file):
 
 
 def _feature_worker(rank, world_size, init_file, out_dir):
+    import llip_core.losses as L
+
     _init(rank, world_size, init_file)
+    # count ring messages: the sigmoid losses must run the ring both ways (about N/2 hops)
+    calls = {"bidir": 0, "one_way": 0}
+    bidir, one_way = L.neighbour_exchange_bidir, L.neighbour_exchange
+
+    def counted_bidir(*a, **k):
+        calls["bidir"] += 1
+        return bidir(*a, **k)
+
+    def counted_one_way(*a, **k):
+        calls["one_way"] += 1
+        return one_way(*a, **k)
+
+    L.neighbour_exchange_bidir, L.neighbour_exchange = counted_bidir, counted_one_way
     results = {}
     for loss_type in LOSSES:
+        before = dict(calls)
         img, txt, params = _global_features(loss_type, world_size)
         sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
         img = {k: v[sl] for k, v in img.items()}
         txt = {k: v[sl] for k, v in txt.items()}
         results[loss_type] = _run_loss(loss_type, img, txt, params, rank, world_size)
+        results[f"{loss_type}.calls"] = {k: calls[k] - before[k] for k in calls}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -86,10 +103,13 @@ def _spawn(fn, world_size, tmp_path, *args):
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("world_size", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_feature_level_parity(world_size, tmp_path):
     ranks = _spawn(_feature_worker, world_size, tmp_path)
+    both_ways, one_more = divmod(world_size - 1, 2)
+    for loss_type in ("siglip", "llip"):  # forward + backward: each hop once each way
+        assert ranks[0][f"{loss_type}.calls"] == {"bidir": 2 * both_ways, "one_way": 2 * one_more}, loss_type
     for loss_type in LOSSES:
         img, txt, params = _global_features(loss_type, world_size)
         single_loss, single_grads = _run_loss(loss_type, img, txt, params, 0, 1)
@@ -113,8 +133,12 @@ def _batch(world_size, seed=1):
     return images, tokens
 
 
-def _task(loss_type, rank, world_size):
-    pooling = "llip" if loss_type.startswith("llip") else "cls"
+DDP_CASES = [("clip", "cls"), ("siglip", "cls"), ("llip", "llip"), ("llip_infonce", "llip"),
+             ("siglip", "register"), ("clip", "avg")]  # register: K projections, only the first used
+
+
+def _task(loss_type, rank, world_size, pooling=None):
+    pooling = pooling or ("llip" if loss_type.startswith("llip") else "cls")
     torch.manual_seed(0)
     return build_task(SIZES["micro"].replace(pooling=pooling), loss_type, rank, world_size, chunk_size=2).double()
 
@@ -126,13 +150,13 @@ def _ddp_worker(rank, world_size, init_file, out_dir):
     images, tokens = _batch(world_size)
     sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     results = {}
-    for loss_type in LOSSES:
-        task = _task(loss_type, rank, world_size)
+    for loss_type, pooling in DDP_CASES:
+        task = _task(loss_type, rank, world_size, pooling)
         ddp = DDP(task, find_unused_parameters=False)
         loss = ddp(images[sl], tokens[sl])["loss"]
         loss.backward()
         dist.all_reduce(mean := loss.detach().clone())
-        results[loss_type] = (mean / world_size, {n: p.grad for n, p in task.named_parameters()})
+        results[loss_type, pooling] = (mean / world_size, {n: p.grad for n, p in task.named_parameters()})
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -142,11 +166,11 @@ def test_ddp_task_parity(tmp_path):
     """The whole task under DDP on 2 ranks: every parameter's gradient equals one process on 2x batch."""
     ranks = _spawn(_ddp_worker, 2, tmp_path)
     images, tokens = _batch(2)
-    for loss_type in LOSSES:
-        task = _task(loss_type, 0, 1)
+    for case in DDP_CASES:
+        task = _task(case[0], 0, 1, case[1])
         loss = task(images, tokens)["loss"]
         loss.backward()
         for r in ranks:
-            torch.testing.assert_close(r[loss_type][0], loss.detach(), msg=loss_type)
+            torch.testing.assert_close(r[case][0], loss.detach(), msg=str(case))
             for n, p in task.named_parameters():
-                torch.testing.assert_close(r[loss_type][1][n], p.grad, msg=f"{loss_type} {n}")
+                torch.testing.assert_close(r[case][1][n], p.grad, msg=f"{case} {n}")

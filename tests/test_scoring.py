@@ -148,3 +148,78 @@ def test_text_emb_need_not_be_normalised():
     inputs = _inputs()
     scaled = inputs[:3] + [inputs[3] * 3.0, inputs[4]]
     torch.testing.assert_close(llip_pair_logits(*scaled, 5.0), llip_pair_logits(*inputs, 5.0))
+
+
+def _cancelling(seed, noise=1e-6):
+    """Image 0's values cancel under its (uniform) attention up to `noise` of their size, so z_0j is
+    rounding-level: opposite values on pairs of mixture tokens with identical keys."""
+    g = torch.Generator().manual_seed(seed)
+    Bi, Bt, H, K, d = 4, 6, 8, 8, 16
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    keys, values, q, t, W = r(Bi, H, K, d), 3 * r(Bi, H, K, d), r(Bt, H, d), r(Bt, H * d), r(H * d, H * d) / (H * d) ** 0.5
+    keys[0] = keys[0, :, :1].expand(H, K, d)
+    values[0, :, 1::2] = -values[0, :, 0::2]
+    values[0] += noise * r(H, K, d)
+    return keys, values, q, t, W
+
+
+def test_rounding_level_embedding_scores_zero_not_huge(monkeypatch):
+    import llip_core.losses as L
+
+    for seed in range(5):
+        inputs = [x.requires_grad_() for x in _cancelling(seed)]
+        ours = llip_pair_logits(*inputs, 5.0)
+        assert ours[0].abs().max() < 1e-3, seed  # ||z_0j||^2 under REL_NORM_EPS tr(G_0): treated as 0
+        torch.testing.assert_close(ours[1:], literal(*[x.detach() for x in inputs], 5.0)[1:], atol=1e-5, rtol=0)
+        ours.sum().backward()
+        assert all(torch.isfinite(x.grad).all() for x in inputs)
+    # without the relative floor the Gram route divides rounding noise by its own square root
+    monkeypatch.setattr(L, "REL_NORM_EPS", 0.0)
+    worst = max(float(llip_pair_logits(*_cancelling(seed), 5.0)[0].abs().max()) for seed in range(5))
+    assert worst > 0.5
+
+
+def test_scores_stay_in_unit_interval_and_tiny_images_score_zero():
+    inputs = [x.detach() for x in _inputs(Bi=9, Bt=7, H=4, K=4, d=8, key_scale=30.0)]
+    for chunk in (None, 2):
+        s = llip_pair_logits(*inputs, 0.5, chunk_size=chunk)
+        assert s.abs().max() <= 1.0
+    big_k = [x.detach() for x in _inputs(H=4, K=16, d=4)]  # HK > D: the direct path is clamped too
+    assert llip_pair_logits(*big_k, 5.0).abs().max() <= 1.0
+    assert llip_pair_logits(*inputs, 5.0, literal=True).abs().max() <= 1.0
+    # a near-zero image embedding (values 1e-20 of normal, below fp32's normal range once squared): 0
+    tiny = list(inputs)
+    tiny[1] = inputs[1].clone()
+    tiny[1][0] *= 1e-20
+    assert llip_pair_logits(*tiny, 5.0)[0].abs().max() < 1e-6
+    # the floor is relative: a merely small image keeps its scores (cosines do not depend on scale)
+    small = list(inputs)
+    small[1] = inputs[1] * 1e-3
+    torch.testing.assert_close(llip_pair_logits(*small, 5.0), llip_pair_logits(*inputs, 5.0), atol=1e-5, rtol=0)
+
+
+def test_zero_shot_scoring_peak_stays_under_a_training_batch():
+    """10 class prompts x 4,096 images (forward, no grad) against one training batch of 256 (forward +
+    backward), tiny shapes (D=128, K=8, H=8), peak RSS measured in fresh subprocesses by the benchmark.
+    Sized by per-pair tensors alone, the zero-shot chunk was all 4,096 images: 4,096 Gram matrices at
+    once, about 3x the training batch's peak."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from llip_core.losses import PAIR_BUDGET, auto_chunk_size
+
+    hk = 8 * 8
+    c = auto_chunk_size(10, hk, torch.device("cpu"), 2 * hk * hk)
+    assert c * (10 * hk + 2 * hk * hk) <= PAIR_BUDGET["cpu"] < (c + 1) * (10 * hk + 2 * hk * hk)
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "llip_scoring.py"
+
+    def peak(variant, n):
+        out = subprocess.run([sys.executable, str(bench), "--worker", variant, "--B", str(n), "--dims", "128", "8", "8"],
+                             capture_output=True, text=True, check=True, timeout=120)
+        return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+    zero_shot, train = peak("zeroshot", 4096), peak("ours", 256)
+    print(f"peak RSS: zero-shot 10 x 4096 {zero_shot:.1f} MB, training batch 256 {train:.1f} MB")
+    assert zero_shot < train
