@@ -276,3 +276,11 @@ def test_curation_changes_where_training_reads():
     assert c.flat()["curation.t"] == 10 and c.flat()["curation.mode"] == "offline"
     with pytest.raises(ConfigError, match="curation.mode"):
         _cfg(t=10, mode="sometimes")
+
+
+def test_curate_without_curation_section_says_what_to_add(tmp_path, capsys):
+    f = tmp_path / "e.yaml"
+    f.write_text("name: plain\n")
+    assert llip_main(["curate", str(f)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no curation: section" in err[0] and "curated_demo.yaml" in err[0]
