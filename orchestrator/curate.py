@@ -230,8 +230,10 @@ def run_curation(cfg, log: Callable[[str], None] = print, chunk_rows: Optional[i
     # Preflight: everything that can be wrong with the input fails before a run or a cluster exists.
     entries, meta_sha = load_metadata(c.metadata)
     paths, fs = resolve_shards(cfg.data.train, cfg.data.s3, "data.train")
-    if c.out.rstrip("/") == cfg.data.train.rstrip("/") or cfg.data.train.rstrip("/").startswith(c.out.rstrip("/") + "/train"):
-        raise UserError(f"curation.out {c.out}: the curated output would overwrite data.train; choose another curation.out")
+    src, out = cfg.data.train.rstrip("/"), c.out.rstrip("/")
+    if out == src or (src + "/").startswith(out + "/train/") or out.startswith(src + "/"):
+        # writing into the pool would overwrite it, or add curated shards to the next read of it
+        raise UserError(f"curation.out {c.out}: overlaps data.train {cfg.data.train}; choose a curation.out outside it")
     dest = _Dest(c.out, cfg.data.s3)
     source_root = cfg.data.train.rstrip("/").rsplit("/", 1)[0]
     source_manifest = (read_manifest(source_root, cfg.data.s3) or {}).get("fingerprint")
