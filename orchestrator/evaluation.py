@@ -90,8 +90,8 @@ class EvalRunner:
         import numpy as np
         import torch
 
-        from orchestrator.evalsets import RETRIEVAL, SetInfo, load_set
         from llip_core.evaluate import retrieval_chance
+        from orchestrator.evalsets import RETRIEVAL, SetInfo, load_set
 
         self.tokenizer, self.batch_size, self.taus, self.device = tokenizer, batch_size, taus, device
         self.recall_k = tuple(recall_k)
