@@ -31,7 +31,10 @@ $(STAMP): pyproject.toml constraints.txt
 data/emoji/manifest.json: $(STAMP)
 	$(BIN)/llip shards emoji --out data/emoji
 
-demo: sysdeps $(STAMP) data/emoji/manifest.json
+data/eval/fashion_mnist/manifest.json: $(STAMP)
+	$(BIN)/llip shards fashion-mnist --out data/eval/fashion_mnist
+
+demo: sysdeps $(STAMP) data/emoji/manifest.json data/eval/fashion_mnist/manifest.json
 	$(BIN)/llip run experiments/demo.yaml
 
 test: sysdeps $(STAMP)
@@ -42,4 +45,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
 
 clean-data:
-	rm -rf data/emoji
+	rm -rf data/emoji data/eval
