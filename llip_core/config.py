@@ -55,6 +55,9 @@ class ModelConfig:
                              "pooling multi_cls)")
         if self.tau <= 0:
             raise ValueError("tau must be > 0")
+        if self.tokenizer not in ("clip_bpe", "word_hash") or self.vocab not in ("full", "compact"):
+            raise ValueError(f"unknown tokenizer {self.tokenizer!r} / vocab {self.vocab!r}; choose clip_bpe or "
+                             "word_hash, and full or compact")
         if self.tokenizer == "clip_bpe" and self.vocab == "full" and self.vocab_size < 49408:
             raise ValueError(f"model.vocab_size {self.vocab_size} is below CLIP BPE's 49,408 ids; "
                              "set model.vocab: compact to keep a tiny model's embedding table small")
