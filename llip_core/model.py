@@ -15,9 +15,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llip_core.config import ModelConfig
 from llip_core.tokenizer import eot_id, eot_positions
+
+
+ATTENTION_IMPLS = ("sdpa", "math")
 
 
 class QuickGELU(nn.Module):
@@ -45,6 +49,7 @@ class SelfAttention(nn.Module):
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         self.heads = heads
         self.causal = causal
+        self.impl = "sdpa"  # "math": the explicit softmax(QK^T/sqrt(d))V (train.attention; debugging, parity)
         self.in_proj = nn.Linear(width, 3 * width)
         self.out_proj = nn.Linear(width, width)
 
@@ -52,7 +57,10 @@ class SelfAttention(nn.Module):
         """attn_mask: (n, n) bool, True where a query may attend (multi_cls pooling); not with causal."""
         b, n, w = x.shape
         q, k, v = self.in_proj(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal)
+        if self.impl == "math":
+            y = math_attention(q, k, v, attn_mask, self.causal)
+        else:  # the fused kernel (flash / memory-efficient on GPU, flash on CPU) where the inputs allow
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal)
         return self.out_proj(y.transpose(1, 2).reshape(b, n, w))
 
 
@@ -77,10 +85,15 @@ class Transformer(nn.Module):
         super().__init__()
         self.width, self.layers = width, layers
         self.resblocks = nn.ModuleList(Block(width, heads, mlp_ratio, causal, activation) for _ in range(layers))
+        self.grad_checkpointing = False  # train.grad_checkpointing
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.resblocks:
-            x = block(x, attn_mask)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # keep only each block's input; its activations are recomputed in the backward
+                x = checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask)
         return x
 
     def init_parameters(self, std: float | None) -> None:
@@ -216,6 +229,19 @@ class LlipModel(nn.Module):
             out["queries"] = self.q_norm(h @ self.q_proj.to(h.dtype)).view(h.shape[0], self.cfg.cross_heads, -1)
         return out
 
+    # ------------------------------------------------------------------ speed switches (same math)
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute every transformer block of both towers in the backward (less memory, ~1/3 more compute)."""
+        self.visual.grad_checkpointing = self.text.grad_checkpointing = enabled
+
+    def set_attention(self, impl: str) -> None:
+        """'sdpa' (fused F.scaled_dot_product_attention, the default) or 'math' (explicit softmax), both towers."""
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention {impl!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
+        for m in self.modules():
+            if isinstance(m, SelfAttention):
+                m.impl = impl
+
     def scoring_params(self) -> dict[str, torch.Tensor]:
         """Model tensors the pair scorer needs besides the features (Llip: out_proj)."""
         return {"out_proj": self.out_proj} if self.pooling == "llip" else {}
@@ -240,6 +266,17 @@ class LlipModel(nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[dict, dict]:
         return self.encode_image(images), self.encode_text(tokens)
+
+
+def math_attention(q, k, v, attn_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) V over (B, H, n, d), with a bool mask (True: may attend) or causal."""
+    s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if causal:
+        n = q.shape[-2]
+        attn_mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf"))
+    return s.softmax(-1) @ v
 
 
 def branch_attn_mask(branches: int, n: int, device=None) -> torch.Tensor:
