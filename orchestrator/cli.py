@@ -17,6 +17,7 @@ COMMANDS = {
     "sweep": ("orchestrator.sweep", "run the experiment's sweep: section with Ray Tune"),
     "eval": ("orchestrator.evaluation", "zero-shot and retrieval on eval sets for a run or a checkpoint; logs to MLflow"),
     "compare": ("orchestrator.compare", "table of a sweep's trials from MLflow, sorted by its metric"),
+    "report": ("orchestrator.report", "a sweep's configurations over seeds (mean, std, n; paired vs a baseline) as report/ on its parent run"),
     "submit": ("orchestrator.jobs", "submit a run or sweep to a remote Ray cluster as a Ray job"),
     "shards": ("orchestrator.shards", "write WebDataset shards (local or s3://) from a data source"),
     "metadata": ("orchestrator.metadata", "build a MetaCLIP-format metadata list (WordNet + word lists)"),

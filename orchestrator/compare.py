@@ -28,6 +28,8 @@ def add_args(p) -> None:
     p.add_argument("--mode", choices=["min", "max"], default=None, help="default: the sweep's mode")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     p.add_argument("--no-log", action="store_true", help="print only; do not log the table and plot to the parent run")
+    p.add_argument("--by-config", action="store_true",
+                   help="one row per configuration and metric over seeds (mean, std, n), as `llip report` prints")
 
 
 @dataclass
@@ -113,7 +115,8 @@ def compare(c, target: str, metric: Optional[str] = None, mode: Optional[str] = 
             "run_name": r.data.tags.get("mlflow.runName", r.info.run_id[:8]),
             "trial_id": r.data.tags.get("llip.trial_id", ""),
             "status": r.info.status,
-            "values": {k: r.data.params.get(k, "") for k in swept},
+            "values": {k: (r.data.tags.get("llip.variant", "") if k == "variant" else r.data.params.get(k, ""))
+                       for k in swept},
             "metric": value,
             "train_loss": m.get("train/loss"),
             "step": int(m["step"]) if "step" in m else _last_step(c, r.info.run_id),
@@ -234,6 +237,12 @@ def cli(args) -> int:
         raise UserError(f"MLflow store {uri} does not exist; run from the directory you trained in, "
                         "or pass --tracking-uri / set MLFLOW_TRACKING_URI")
     c = tracking.client(uri)
+    if args.by_config:
+        from orchestrator import report
+
+        rep = report.collect(c, args.target)
+        print(report.console_text(rep))
+        return 0
     cmp = compare(c, args.target, args.metric, args.mode)
     where = f"sweep {cmp.parent.data.tags.get('llip.run_name', cmp.parent.info.run_id)}" if cmp.parent else "runs"
     print(f"{where} in experiment {cmp.experiment} ({len(cmp.rows)} trials), ranked by {cmp.metric} ({cmp.mode}):\n")

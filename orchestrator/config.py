@@ -124,7 +124,27 @@ class TrainSection(_Strict):
     weight_decay: float = Field(0.2, ge=0)  # on >=2-D weights only
     warmup_steps: int = Field(20, ge=0)
     grad_clip: Optional[float] = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast on GPU
+    # Speed switches (orchestrator/switches.py); each keeps the math (tests/test_switches.py).
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the towers; loss and logit scale stay fp32
+    grad_checkpointing: bool = False  # recompute each transformer block in the backward (memory for compute)
+    compile: bool = False  # torch.compile both towers (first steps slower while it builds)
+    attention: Literal["sdpa", "math"] = "sdpa"  # sdpa: fused scaled_dot_product_attention; math: explicit softmax
+    allow_fallback: bool = False  # a switch this device can't run (bf16, compile): warn and use the default, not fail
+    # MFU's peak FLOP/s per device: a number, or auto (llip_core.flops table, by CUDA device name); None: no MFU
+    peak_flops: Optional[Union[float, Literal["auto"]]] = None
+
+    @field_validator("peak_flops", mode="before")
+    @classmethod
+    def _peak_flops(cls, v):
+        if v is None or v == "auto":
+            return v
+        try:
+            f = float(v)  # YAML reads 989e12 (no dot) as a string
+        except (TypeError, ValueError):
+            f = -1.0
+        if isinstance(v, bool) or not f > 0:
+            raise ValueError(f"{v!r}: give the device's peak FLOP/s per device (e.g. 989e12) or auto")
+        return f
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0)  # 0: evaluate at the end only
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
@@ -227,7 +247,11 @@ class EvalSection(_Strict):
 
 
 class SweepSection(_Strict):
-    params: dict[str, SearchSpace]  # dotted config path -> space
+    params: dict[str, SearchSpace] = Field(default_factory=dict)  # dotted config path -> space
+    # Named configurations, each a set of dotted overrides, crossed with the params' grid: models
+    # that differ in several keys at once (CLIP vs Llip K=8 vs an avg ablation) are not a product
+    # of per-key grids. Child runs are tagged llip.variant.
+    variants: Optional[dict[str, dict[str, Any]]] = None
     num_samples: int = Field(1, ge=1)
     metric: str = "eval/recall1"  # mean of image->text and text->image recall@1 on held-out data
     mode: Literal["min", "max"] = "max"
@@ -330,7 +354,7 @@ def _set_dotted(d: dict, path: str, value: Any) -> None:
 
 # Mappings whose entries replace inherited ones whole: a search space changed from grid to choice
 # must not keep the base's grid beside it.
-_REPLACE_ENTRIES = {("sweep", "params")}
+_REPLACE_ENTRIES = {("sweep", "params"), ("sweep", "variants")}
 
 
 def _deep_merge(base: dict, over: dict, path: tuple = ()) -> dict:

@@ -67,12 +67,22 @@ def tune_space(space: SearchSpace):
 
 def count_trials(cfg: ExperimentConfig) -> int:
     grid = math.prod(len(s.grid) for s in cfg.sweep.params.values() if s.grid is not None)
-    return grid * cfg.sweep.num_samples
+    return grid * len(cfg.sweep.variants or {None: None}) * cfg.sweep.num_samples
 
 
 def check_sweep(cfg: ExperimentConfig) -> None:
     """Mistakes that Tune would only report after the cluster is busy: fail here, in one line."""
     sw = cfg.sweep
+    for vname, vover in (sw.variants or {}).items():
+        if not isinstance(vover, dict):
+            raise UserError(f"sweep.variants.{vname}: give a mapping of dotted keys to values, e.g. {{loss.type: clip}}")
+        clash = sorted(set(vover) & set(sw.params))
+        if clash:
+            raise UserError(f"sweep.variants.{vname} sets {clash[0]}, which sweep.params also sweeps; keep it in one place")
+        try:
+            cfg.with_overrides(vover)
+        except UserError as e:
+            raise UserError(f"sweep.variants.{vname}: {e}") from None
     for path, space in sw.params.items():
         if path.startswith(("sweep.", "name", "mlflow.")):
             raise UserError(f"sweep.params.{path}: cannot sweep this key; sweep model/loss/data/train/scaling values")
@@ -153,13 +163,18 @@ def driver_fn(config: dict[str, Any]) -> None:
 
     meta = config["llip"]
     overrides = dict(config["overrides"])
+    variant = config.get("variant")
+    variant_tags = {}
+    if variant is not None:
+        overrides = {**meta["variants"][variant], **overrides}
+        variant_tags = {"llip.variant": variant}
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = parse_config(meta["base"], source=meta["sweep_run_name"]).with_overrides(overrides)
     run_experiment(
         cfg,
-        run_name=f"{meta['sweep_run_name']}-{trial_id}",
+        run_name=f"{meta['sweep_run_name']}-{variant + '-' if variant else ''}{trial_id}",
         parent_run_id=meta["parent_run_id"],
-        tags={"llip.trial_id": trial_id, "llip.swept": json.dumps(overrides, sort_keys=True)},
+        tags={"llip.trial_id": trial_id, "llip.swept": json.dumps(overrides, sort_keys=True), **variant_tags},
         callbacks=[_report_callback(meta["metric"])],
         data_cpu_limit=trial_data_cpus(cfg),
     )
@@ -203,7 +218,8 @@ def run_sweep(cfg: ExperimentConfig, max_concurrent_trials: Optional[int] = None
     build_datasets(cfg)  # preflight the shards before any MLflow run exists
 
     c, uri, parent_id, run_name, _ = start_mlflow_run(
-        cfg, None, tags={"llip.sweep": "true", "llip.sweep.params": json.dumps(sorted(sw.params)),
+        cfg, None, tags={"llip.sweep": "true",
+                         "llip.sweep.params": json.dumps((["variant"] if sw.variants else []) + sorted(sw.params)),
                          "llip.sweep.metric": sw.metric, "llip.sweep.mode": sw.mode, **manifest_tags(cfg)})
     tracker = None
     try:
@@ -234,8 +250,9 @@ def run_sweep(cfg: ExperimentConfig, max_concurrent_trials: Optional[int] = None
             tune.with_resources(driver_fn, {"cpu": TRIAL_ACTOR_CPU}),
             param_space={
                 "overrides": {path: tune_space(space) for path, space in sw.params.items()},
+                **({"variant": tune.grid_search(list(sw.variants))} if sw.variants else {}),
                 "llip": {"base": cfg.model_dump(mode="json", exclude={"sweep"}), "parent_run_id": parent_id,
-                         "sweep_run_name": run_name, "metric": sw.metric},
+                         "sweep_run_name": run_name, "metric": sw.metric, "variants": sw.variants or {}},
             },
             tune_config=tune.TuneConfig(metric=sw.metric, mode=sw.mode, num_samples=sw.num_samples, scheduler=scheduler,
                                         max_concurrent_trials=limit),

@@ -1,0 +1,179 @@
+"""`llip report` on sweeps recorded in a real MLflow SQLite store, laid out as `llip sweep` writes
+them with sweep.variants: a parent tagged llip.sweep, children tagged mlflow.parentRunId and
+llip.variant, with a `seed` param. Expected statistics come from the equations, written here."""
+import json
+import math
+import os
+import tempfile
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator import report
+from orchestrator.cli import main
+
+pytestmark = pytest.mark.timeout(180)
+
+# configuration -> seed -> final held-out recall@1; Llip's Fashion-MNIST top-1 per tau below
+R1 = {
+    "clip": {0: 0.010, 1: 0.014, 2: 0.009},
+    "siglip": {0: 0.012, 1: 0.011, 2: 0.016},
+    "llip_k8": {0: 0.030, 1: 0.026, 2: 0.035},
+}
+FM = {  # eval/fashion_mnist/top1 (clip, siglip) or top1_tau5 (llip, trained at tau 5)
+    "clip": {0: 0.20, 1: 0.25, 2: 0.22},
+    "siglip": {0: 0.21, 1: 0.19, 2: 0.30},
+    "llip_k8": {0: 0.31, 1: 0.27, 2: 0.26},
+}
+
+
+def ref_mean(xs):
+    return sum(xs) / len(xs)
+
+
+def ref_std(xs):  # sample standard deviation, ddof = 1
+    m = ref_mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def make_sweep(uri, exp_name, trials, *, failed=()):
+    """trials: [(config, seed, r1, fm)]; failed: [(config, seed)] recorded as FAILED runs."""
+    c = MlflowClient(uri)
+    exp = c.create_experiment(exp_name)
+    parent = c.create_run(exp, run_name=f"{exp_name}-sweep", tags={
+        "llip.sweep": "true", "llip.run_name": f"{exp_name}-sweep",
+        "llip.sweep.params": json.dumps(["variant", "seed"]),
+        "llip.sweep.metric": "eval/recall1", "llip.sweep.mode": "max"})
+    pid = parent.info.run_id
+    for i, (cfg, seed, r1, fm) in enumerate(list(trials) + [(c_, s_, None, None) for c_, s_ in failed]):
+        run = c.create_run(exp, run_name=f"{exp_name}-{cfg}-t{i}", tags={
+            "mlflow.parentRunId": pid, "llip.trial_id": f"t{i}", "llip.variant": cfg})
+        rid = run.info.run_id
+        llip = cfg.startswith("llip")
+        c.log_param(rid, "seed", str(seed))
+        c.log_param(rid, "model.pooling", "llip" if llip else "cls")
+        c.log_param(rid, "model.tau", "5.0")
+        if r1 is None:
+            c.set_tag(rid, "llip.error", "RuntimeError: out of memory")
+            c.set_terminated(rid, "FAILED")
+            continue
+        for step in (50, 100):
+            frac = step / 100
+            c.log_metric(rid, "train/loss", 5.0 - frac - seed * 0.1, step=step)
+            c.log_metric(rid, "eval/recall1", r1 * frac, step=step)
+            if llip:
+                for tau in (1, 5, 10):
+                    # tau 1 is deliberately best: the report must still take the training tau (5)
+                    c.log_metric(rid, f"eval/fashion_mnist/top1_tau{tau}", (fm + (0.1 if tau == 1 else 0)) * frac, step=step)
+            else:
+                c.log_metric(rid, "eval/fashion_mnist/top1", fm * frac, step=step)
+            c.log_metric(rid, "eval/fashion_mnist/seconds", 3.0, step=step)
+        c.set_terminated(rid, "FINISHED")
+    c.set_terminated(pid, "FINISHED")
+    return c, pid
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    uri = f"sqlite:///{tmp_path_factory.mktemp('rep') / 'mlflow.db'}"
+    trials = [(cfg, s, R1[cfg][s], FM[cfg][s]) for cfg in R1 for s in (0, 1, 2)]
+    c, pid = make_sweep(uri, "repro", trials, failed=[("siglip", 1)])
+    return uri, c, pid
+
+
+def test_mean_std_and_paired_differences_exact(full):
+    uri, c, pid = full
+    rep = report.collect(c, pid)
+    assert rep.configs[0] == "clip" and set(rep.configs) == set(R1)
+    assert rep.headline == ["eval/recall1", "eval/fashion_mnist/top1", "train/loss"]
+    for cfg in R1:
+        xs = [R1[cfg][s] for s in (0, 1, 2)]
+        st = rep.stat(cfg, "eval/recall1")
+        assert st.n == 3
+        assert st.mean == pytest.approx(ref_mean(xs), abs=1e-12)
+        assert st.std == pytest.approx(ref_std(xs), abs=1e-12)
+        # Llip's zero-shot headline is the training tau's value, not the best tau's
+        fm = rep.stat(cfg, "eval/fashion_mnist/top1")
+        assert fm.mean == pytest.approx(ref_mean([FM[cfg][s] for s in (0, 1, 2)]), abs=1e-12)
+    pairs = {(p.config, p.metric): p for p in rep.paired()}
+    for cfg in ("siglip", "llip_k8"):
+        for metric, table in (("eval/recall1", R1), ("eval/fashion_mnist/top1", FM)):
+            d = [table[cfg][s] - table["clip"][s] for s in (0, 1, 2)]
+            p = pairs[(cfg, metric)]
+            assert p.n == 3 and p.seeds == [0, 1, 2]
+            assert p.mean == pytest.approx(ref_mean(d), abs=1e-12)
+            assert p.std == pytest.approx(ref_std(d), abs=1e-12)
+            spread = max(ref_std([table[cfg][s] for s in (0, 1, 2)]), ref_std([table["clip"][s] for s in (0, 1, 2)]))
+            assert p.exceeds == (abs(ref_mean(d)) > spread)
+    # llip_k8's recall gain (about +0.019) is far outside a spread of about 0.004; siglip's is not
+    assert pairs[("llip_k8", "eval/recall1")].exceeds is True
+    assert pairs[("siglip", "eval/recall1")].exceeds is False
+
+
+def test_failed_trial_left_out_and_named(full):
+    uri, c, pid = full
+    rep = report.collect(c, pid)
+    assert rep.stat("siglip", "eval/recall1").n == 3  # the FAILED duplicate of seed 1 is not a 4th value
+    assert any("status FAILED" in n and "siglip" in n for n in rep.notes)
+    assert not any("seconds" in m for m in rep.metrics)
+
+
+def test_cli_prints_table_and_logs_artifacts_on_parent(full, capsys):
+    uri, c, pid = full
+    capsys.readouterr()
+    assert main(["report", pid, "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    xs = [R1["llip_k8"][s] for s in (0, 1, 2)]
+    line = next(ln for ln in out.splitlines() if ln.startswith("llip_k8") and "eval/recall1" in ln)
+    assert f"{ref_mean(xs):.4f}" in line and f"{ref_std(xs):.4f}" in line and line.split()[-1] == "3"
+    assert "paired by seed against clip" in out
+    names = {os.path.basename(a.path) for a in c.list_artifacts(pid, "report")}
+    assert {"report.md", "report.html", "summary.csv", "paired.csv", "curves.png", "summary.png"} <= names
+    with tempfile.TemporaryDirectory() as d:
+        md = open(c.download_artifacts(pid, "report/report.md", d)).read()
+        png = open(c.download_artifacts(pid, "report/curves.png", d), "rb").read()
+    assert f"| llip_k8 | eval/recall1 | {ref_mean(xs):.4f} | {ref_std(xs):.4f} | 3 |" in md
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # compare prints the same per-configuration table
+    assert main(["compare", pid, "--tracking-uri", uri, "--by-config"]) == 0
+    assert line in capsys.readouterr().out
+
+
+def test_unshared_and_single_seeds_reported_without_std(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trials = [("clip", 0, 0.01, 0.2), ("clip", 1, 0.02, 0.3), ("clip", 2, 0.03, 0.1),
+              ("llip_k8", 0, 0.05, 0.3), ("llip_k8", 2, 0.04, 0.2),   # no seed 1
+              ("siglip", 0, 0.02, 0.2),                                # one seed
+              ("avg_siglip", 5, 0.02, 0.2), ("avg_siglip", 6, 0.03, 0.2)]  # seeds clip never ran
+    c, pid = make_sweep(uri, "bad", trials)
+    rep = report.collect(c, pid)
+    notes = "\n".join(rep.notes)
+    assert "llip_k8 lacks seed(s) [1" in notes
+    assert "siglip has 1 seed: no standard deviation" in notes
+    assert "clip lacks seed(s) [5, 6]" in notes
+    s = rep.stat("siglip", "eval/recall1")
+    assert s.n == 1 and s.std is None and s.mean == 0.02
+    pairs = {(p.config, p.metric): p for p in rep.paired()}
+    p = pairs[("llip_k8", "eval/recall1")]
+    assert p.seeds == [0, 2] and p.mean == pytest.approx(ref_mean([0.04, 0.01]), abs=1e-12)
+    assert p.std == pytest.approx(ref_std([0.04, 0.01]), abs=1e-12)
+    assert pairs[("siglip", "eval/recall1")].std is None and pairs[("siglip", "eval/recall1")].exceeds is None
+    assert pairs[("avg_siglip", "eval/recall1")].n == 0
+    capsys.readouterr()
+    assert main(["report", "bad", "--tracking-uri", uri]) == 0  # by experiment name
+    out = capsys.readouterr().out
+    row = next(ln for ln in out.splitlines() if ln.startswith("siglip ") and "eval/recall1" in ln).split()
+    assert row[2:] == ["0.0200", "-", "1"]
+    assert "no shared seeds" in out and "cannot tell (fewer than 2 seeds)" in out
+    assert "note: siglip has 1 seed" in out
+
+
+def test_not_a_sweep_is_one_line_error(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("single")
+    rid = c.create_run(exp).info.run_id
+    capsys.readouterr()
+    assert main(["report", rid, "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a sweep's parent run" in err and len(err.splitlines()) == 1
