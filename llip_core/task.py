@@ -17,6 +17,12 @@ from llip_core.model import LlipModel
 MAX_LOG_SCALE = math.log(100.0)  # log s clamped to [0, ln 100] after each step (CLIP, Llip)
 
 
+def _float32(feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating features in at least float32 (bf16/fp16 up, float64 kept); masks and ids untouched."""
+    return {k: v.to(torch.promote_types(v.dtype, torch.float32)) if v.is_floating_point() else v
+            for k, v in feats.items()}
+
+
 class Task(nn.Module):
     def __init__(self, model: LlipModel, loss: nn.Module, init_log_scale: float, init_bias: float | None):
         super().__init__()
@@ -41,8 +47,12 @@ class Task(nn.Module):
                 torch.ones(B, M, dtype=torch.bool, device=tokens.device)
         img = self.model.encode_image(images)
         txt = self.model.encode_text(tokens)
-        return self.loss(img, txt, logit_scale=self.logit_scale.exp(), logit_bias=self.logit_bias,
-                         **extra, **self.model.scoring_params())
+        # Under bf16 autocast (train.precision) only the towers run in bf16: the loss, the logit scale
+        # and bias see float32 features, as open_clip does (a bf16 exp(logit_scale) alone is off by ~0.4%).
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            img, txt = _float32(img), _float32(txt)
+            return self.loss(img, txt, logit_scale=self.logit_scale.exp(), logit_bias=self.logit_bias,
+                             **extra, **self.model.scoring_params())
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 import tempfile
-import time
 from typing import Any
 
 import torch
@@ -110,6 +109,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step, epoch = state["step"], state["epoch"]
         if rank == 0:
             say(f"[llip] resumed from checkpoint at step {step}, epoch {epoch}")
+    from llip_core.flops import train_step_flops
+    from orchestrator.stepmetrics import StepClock, progress_line, resolve_peak_flops, step_metrics
+    from orchestrator.switches import apply_switches
+
+    warn = say if rank == 0 else (lambda _msg: None)
+    bf16 = apply_switches(core, cfg.train, device, warn=warn)  # before DDP wraps the model
+    peak = resolve_peak_flops(cfg.train.peak_flops, device.type,
+                              torch.cuda.get_device_name(device) if use_cuda else None, warn)
+    step_flops = train_step_flops(
+        cfg.resolved_model(), cfg.data.batch_size, literal=cfg.loss.literal_scorer,
+        captions_per_image=cfg.data.max_captions if cfg.data.captions == "all" else 1) if peak else None
     task = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": False}) if world > 1 else core
 
     logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 and config.get("mlflow_run_id") else None
@@ -124,7 +134,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     eval_sets = config.get("eval_sets") or []
     evaluator = runner_for(cfg, eval_sets, config.get("tokenizer_spec"), device) if rank == 0 else None
     eval_every = cfg.eval_interval()
-    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
         ckpt = None
@@ -137,13 +147,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             logger.log(metrics, step)
         ray.train.report({**metrics, "step": step, "epoch": epoch}, checkpoint=ckpt)
 
-    window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
+    window_loss, window_n = 0.0, 0
+    clock = StepClock()  # data-wait vs compute per step (orchestrator/stepmetrics.py)
     done = step >= cfg.train.steps
     while not done:
         saw_batch = False
         for batch in iter_train_batches(shard, local_bs, cfg.data.shuffle_buffer, epoch_seed=cfg.seed * 100003 + epoch,
                                         multi_caption=cfg.data.captions == "all"):
             saw_batch = True
+            clock.batch_ready()
             lr = cosine_lr(step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -159,22 +171,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.step()
             core.after_step()
             step += 1
-            window_loss += float(terms["loss"].detach())
+            window_loss += float(terms["loss"].detach())  # also waits for the device: compute ends here
             window_n += 1
-            window_samples += images.shape[0] * world
+            clock.step_done(images.shape[0] * world)
 
             last = step >= cfg.train.steps
             ckpt_due = last or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0)
             eval_due = bool(eval_sets) and (last or (eval_every > 0 and step % eval_every == 0))
             if step % cfg.train.log_every == 0 or ckpt_due or eval_due:
-                dt = time.perf_counter() - window_t0
-                loss_mean, = _all_reduce_mean([window_loss / window_n], world)
+                wait, compute, wall = clock.window()
+                # ranks' data-wait differs (each has its own split of the stream): log the mean
+                loss_mean, wait, compute = _all_reduce_mean([window_loss / window_n, wait, compute], world)
                 metrics = {
                     "train/loss": loss_mean,
                     "train/lr": lr,
                     "train/logit_scale": core.logit_scale_value(),
-                    "train/samples_per_s": window_samples / dt,
                     "train/epoch": float(epoch),
+                    **step_metrics(clock.steps, clock.samples, wait, compute, step_flops, peak, world),
                 }
                 if stats is not None:
                     metrics.update(stats.snapshot())
@@ -183,9 +196,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     metrics.update(evaluator.run(core.model))
                 report(metrics, with_checkpoint=ckpt_due)
                 if rank == 0:
-                    say(f"[llip] step {step}/{cfg.train.steps} loss {loss_mean:.4f} lr {lr:.2e} "
-                        f"{metrics['train/samples_per_s']:.0f} samples/s")
-                window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
+                    say(progress_line(step, cfg.train.steps, loss_mean, lr, metrics, wall / clock.steps))
+                window_loss, window_n = 0.0, 0
+                clock.restart()
             if last:
                 done = True
                 break
