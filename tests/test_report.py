@@ -177,3 +177,31 @@ def test_not_a_sweep_is_one_line_error(tmp_path, capsys):
     assert main(["report", rid, "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err.strip()
     assert "not a sweep's parent run" in err and len(err.splitlines()) == 1
+
+
+def test_reproduce_yaml_variants_are_equal_budget_and_cross_seeds():
+    """sweep.variants x the seed grid: 5 named configurations x 3 seeds, differing only in the
+    variant's own keys (same data, steps, batch, model size, hyperparameters)."""
+    from orchestrator.config import load_config
+    from orchestrator.errors import UserError
+    from orchestrator.sweep import check_sweep, count_trials
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "experiments", "reproduce.yaml"))
+    check_sweep(cfg)
+    assert count_trials(cfg) == 15
+    assert list(cfg.sweep.params) == ["seed"] and cfg.sweep.params["seed"].grid == [0, 1, 2]
+    flats = {name: cfg.with_overrides(ov).flat() for name, ov in cfg.sweep.variants.items()}
+    allowed = {"loss.type", "model.pooling", "model.mixture_tokens"}
+    base = flats["clip"]
+    for name, f in flats.items():
+        differ = {k for k in set(base) | set(f) if base.get(k) != f.get(k)}
+        assert differ <= allowed, (name, differ - allowed)
+    assert flats["avg_siglip"]["model.pooling"] == "avg" and flats["avg_siglip"]["loss.type"] == "siglip"
+    assert {flats[n]["model.mixture_tokens"] for n in ("llip_k8", "llip_k32")} == {8, 32}
+    bad = cfg.with_overrides({"sweep.variants": {"x": {"model.pooling": "nope"}}})
+    with pytest.raises(UserError, match=r"sweep.variants.x"):
+        check_sweep(bad)
+    clash = cfg.with_overrides({"sweep.variants": {"x": {"seed": 3}}})
+    with pytest.raises(UserError, match=r"sweep.variants.x sets seed, which sweep.params also sweeps"):
+        check_sweep(clash)
