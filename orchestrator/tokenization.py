@@ -2,7 +2,7 @@
 
 The spec (llip_core.tokenizer.tokenizer_spec) follows the YAML's model.tokenizer / model.vocab. For
 `vocab: compact` its ids are the base tokenizer's ids seen in the training shards' captions (and in
-the zero-shot prompts of the run's eval sets), read here once, before training; the model's vocab_size becomes the table's size. A relaunch of a run
+the texts the run's evaluation tokenizes: see eval_texts), read here once, before training; the model's vocab_size becomes the table's size. A relaunch of a run
 that has a checkpoint uses the checkpoint's spec (its compact table included), after checking that
 it names the same tokenizer as the YAML. Workers, the data pipeline and evaluation all rebuild the
 tokenizer from this spec; checkpoints store it (`state["tokenizer"]` and TOKENIZER_FILE).
@@ -68,24 +68,31 @@ def shard_captions(paths: list[str], filesystem=None) -> Iterator[str]:
             yield from _captions(parts.get("txt"), parts.get("json"))
 
 
-def eval_prompts(cfg: "ExperimentConfig") -> Iterator[str]:
-    """The zero-shot prompts of the run's classification sets (every template x class name).
+def eval_texts(cfg: "ExperimentConfig") -> Iterator[str]:
+    """Every text the run's evaluation will tokenize: the zero-shot prompts of its classification sets
+    (template x class name) and the captions of its retrieval sets (data.eval included).
 
-    Their ids join the compact table so a class word absent from the training captions ("trouser")
-    keeps its own row, as under full BPE, instead of collapsing into the unknown id with every other
-    unseen class word, which would make those prompts tie."""
+    Their ids join the compact table, so a word absent from the training captions ("trousers", a
+    held-out emoji's name) keeps its own row, as under full BPE, instead of collapsing into the
+    unknown id with every other unseen word, which would make distinct prompts or captions identical.
+    No training signal comes from them: the rows exist, as they would in the full table."""
     from llip_core.evaluate import format_prompt
-    from orchestrator.evalsets import CLASSIFICATION, inspect_set
+    from orchestrator.evalsets import CLASSIFICATION, inspect_set, iter_targets
 
-    for s in cfg.eval.sets:
+    sets = ([(cfg.data.eval, "", "test", None)] if cfg.data.eval else []) + \
+        [(s.path, s.name, s.split, s.max_samples) for s in cfg.eval.sets]
+    for path, name, split, max_samples in sets:
         try:
-            info = inspect_set(s.path, s.name, s.split, s.max_samples, cfg.data.s3, scan=False)
+            info = inspect_set(path, name, split, max_samples, cfg.data.s3, scan=False)
         except UserError:
             continue  # the eval preflight reports a bad set in its own words
         if info.kind == CLASSIFICATION:
             for c in info.classnames:
                 for t in info.templates:
                     yield format_prompt(t, c)
+        else:
+            for _key, _image, _what, captions in iter_targets(info, cfg.data.s3):
+                yield from captions
 
 
 def checkpoint_tokenizer(cfg: "ExperimentConfig", run_name: Optional[str]) -> Optional[dict]:
@@ -119,7 +126,7 @@ def run_tokenizer_spec(cfg: "ExperimentConfig", run_name: Optional[str] = None) 
     from orchestrator.data import resolve_shards
 
     paths, fs = resolve_shards(cfg.train_location(), cfg.data.s3, "data.train")
-    spec = build_compact_spec(wanted, itertools.chain(shard_captions(paths, fs), eval_prompts(cfg)))
+    spec = build_compact_spec(wanted, itertools.chain(shard_captions(paths, fs), eval_texts(cfg)))
     if not spec["ids"]:
         raise UserError(f"data.train: no captions found in {cfg.train_location()} to build the {describe(wanted)} "
                         "vocabulary; check the shards or set model.vocab: full")

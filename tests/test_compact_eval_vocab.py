@@ -18,7 +18,7 @@ def test_unseen_class_words_keep_their_own_ids(emoji_shards, tmp_path):
     fm = tmp_path / "fashion_mnist"
     write_fashion_mnist(str(fm), limit=20)
     base = load_config(ROOT / "experiments" / "smoke.yaml").with_overrides(
-        {"data.train": str(emoji_shards / "train"), "data.eval": None})
+        {"data.train": str(emoji_shards / "train"), "data.eval": None, "eval.sets": []})
     plain = build_tokenizer(run_tokenizer_spec(base))
     with_eval = build_tokenizer(run_tokenizer_spec(base.with_overrides({"eval.sets": [str(fm)]})))
 
@@ -30,3 +30,21 @@ def test_unseen_class_words_keep_their_own_ids(emoji_shards, tmp_path):
     # every training word keeps its own id, and only ids were added
     assert with_eval.vocab_size > plain.vocab_size
     assert set(plain.seen_ids) <= set(with_eval.seen_ids)
+
+
+def test_held_out_caption_words_keep_their_own_ids(emoji_shards):
+    """Held-out emoji names (data.eval) are distinguishable as under full BPE."""
+    from llip_core.tokenizer import UNK, build_tokenizer
+    from orchestrator.evalsets import inspect_set, iter_targets
+    from orchestrator.tokenization import run_tokenizer_spec
+
+    base = load_config(ROOT / "experiments" / "smoke.yaml").with_overrides(
+        {"data.train": str(emoji_shards / "train"), "data.eval": None, "eval.sets": []})
+    plain = build_tokenizer(run_tokenizer_spec(base))
+    full = build_tokenizer(run_tokenizer_spec(base.with_overrides({"data.eval": str(emoji_shards / "eval")})))
+    caps = [c for *_, cs in iter_targets(inspect_set(str(emoji_shards / "eval"), "", scan=False)) for c in cs]
+    assert len(caps) > 400
+    assert sum(UNK in r for r in plain.rows(caps)) > 50  # many held-out names hold unseen words
+    assert not any(UNK in r for r in full.rows(caps))
+    # as many distinct captions as under full BPE
+    assert len({tuple(r) for r in full.rows(caps)}) == len({tuple(r) for r in full.base.rows(caps)})
