@@ -128,7 +128,8 @@ class Report:
         for cfg in self.configs:
             if cfg == self.baseline:
                 continue
-            for m in self.headline:
+            # training losses are not compared: their scales differ between loss types
+            for m in (m for m in self.headline if not m.startswith("train/")):
                 a, b = self.values(cfg, m), self.values(self.baseline, m)
                 seeds = sorted(set(a) & set(b))
                 sa, sb = self.stat(cfg, m), self.stat(self.baseline, m)
@@ -308,8 +309,8 @@ def _sections(rep: Report) -> list[tuple[str, Any]]:
         blocks += [("h2", f"Paired by seed against {rep.baseline}"),
                    ("p", "diff = configuration - baseline at the same seed (same data order). The seed-to-seed "
                          "spread is the larger of the two configurations' standard deviations; a mean difference "
-                         "inside it is not distinguishable from reseeding at this number of seeds. For train/loss, "
-                         "lower is better and scales differ between loss types."),
+                         "inside it is not distinguishable from reseeding at this number of seeds. train/loss is "
+                         "not paired: its scale differs between loss types."),
                    ("table", (paired_head(rep), paired_rows(rep)))]
     blocks += [("h2", "Curves"), ("img", "curves.png"), ("img", "summary.png"),
                ("h2", "Every final metric"), ("table", (SUMMARY_HEAD, summary_rows(rep, rep.metrics))),

@@ -205,3 +205,10 @@ def test_reproduce_yaml_variants_are_equal_budget_and_cross_seeds():
     clash = cfg.with_overrides({"sweep.variants": {"x": {"seed": 3}}})
     with pytest.raises(UserError, match=r"sweep.variants.x sets seed, which sweep.params also sweeps"):
         check_sweep(clash)
+
+
+def test_training_loss_is_summarised_but_not_paired(full):
+    uri, c, pid = full
+    rep = report.collect(c, pid)
+    assert rep.stat("clip", "train/loss").n == 3
+    assert {p.metric for p in rep.paired()} == {"eval/recall1", "eval/fashion_mnist/top1"}
