@@ -216,9 +216,9 @@ def _capped_data_config(cpus: float):
     from ray.data import ExecutionResources
     from ray.train import DataConfig
 
-    from orchestrator.data import DATASETS_TO_SPLIT
+    from orchestrator.data import DATASETS_TO_SPLIT, ingest_options
 
-    opts = DataConfig.default_ingest_options()
+    opts = ingest_options()
     opts.resource_limits = ExecutionResources(cpu=cpus)
     return DataConfig(datasets_to_split=list(DATASETS_TO_SPLIT), execution_options=opts)
 

@@ -212,3 +212,55 @@ def test_training_loss_is_summarised_but_not_paired(full):
     rep = report.collect(c, pid)
     assert rep.stat("clip", "train/loss").n == 3
     assert {p.metric for p in rep.paired()} == {"eval/recall1", "eval/fashion_mnist/top1"}
+
+
+ORDER_SCRIPT = r"""
+import hashlib, json, sys
+import ray
+from orchestrator.config import load_config
+from orchestrator.data import build_datasets, iter_train_batches
+from orchestrator.driver import _capped_data_config
+from orchestrator.sweep import trial_data_cpus
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+cfg = load_config(sys.argv[1]).with_overrides(json.loads(sys.argv[2]))
+ds, _ = build_datasets(cfg)
+split = _capped_data_config(trial_data_cpus(cfg)).configure(ds, world_size=1, worker_handles=None,
+                                                            worker_node_ids=None)[0]["train"]
+h = hashlib.sha1()
+for epoch in range(2):
+    for b in iter_train_batches(split, 64, cfg.data.shuffle_buffer, epoch_seed=cfg.seed * 100003 + epoch):
+        h.update(b["sample_id"].numpy().tobytes()); h.update(b["image"].numpy().tobytes())
+print("STREAM", h.hexdigest())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_same_seed_same_sample_stream_across_configurations(emoji_shards, cli_env, tmp_path):
+    """A sweep's trials with one seed must train on the same samples in the same order (ids,
+    augmented pixels, tokens) whatever the model; each trial is its own process, as under Tune."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    exp = tmp_path / "order.yaml"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    exp.write_text(yaml.safe_dump({
+        "base": os.path.join(root, "experiments", "smoke.yaml"), "name": "order",
+        "data": {"train": str(emoji_shards / "train"), "eval": str(emoji_shards / "eval"), "shuffle_buffer": 256},
+        "scaling": {"num_workers": 1}}))
+    script = tmp_path / "order.py"
+    script.write_text(ORDER_SCRIPT)
+
+    def stream(ov):
+        out = subprocess.run([sys.executable, str(script), str(exp), json.dumps(ov)], env=cli_env, cwd=root,
+                             capture_output=True, text=True, timeout=300)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("STREAM")), None)
+        assert line, out.stderr[-2000:]
+        return line.split()[1]
+
+    clip0 = stream({"loss.type": "clip", "seed": 0})
+    assert stream({"loss.type": "llip", "model.mixture_tokens": 16, "seed": 0}) == clip0
+    assert stream({"loss.type": "siglip", "model.pooling": "avg", "seed": 0}) == clip0
+    assert stream({"loss.type": "clip", "seed": 1}) != clip0
