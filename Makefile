@@ -46,3 +46,10 @@ bench: $(STAMP)
 
 clean-data:
 	rm -rf data/emoji data/eval
+
+# The training-step benchmark on one GPU at B/16 in bf16: samples/s and MFU (peak from llip_core.flops's
+# table). Needs a CUDA build of torch 2.13 in the venv; override the flags with GPU_BENCH_ARGS="...".
+GPU_BENCH_ARGS ?= --device cuda --size B/16 --batch 256 --rounds 10 --peak-flops auto --only clip llip_k32 literal_k32
+.PHONY: bench-gpu
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/train_step.py $(GPU_BENCH_ARGS)

@@ -14,7 +14,8 @@ with the headline ratios: `llip_k32_vs_clip` (samples/s of our Llip K=32 over ou
 >= 0.85) and `llip_vs_literal_reference` (ours over the literal reference at K=32; target >= 1.3).
 
 Run: python benchmarks/train_step.py                         (about 3 minutes on 2 idle cores)
-     python benchmarks/train_step.py --device cuda --size B/16 --batch 256 --peak-flops auto  (GPU)
+     make bench-gpu   (= --device cuda --size B/16 --batch 256 --rounds 10 --peak-flops auto
+                       --only clip llip_k32 literal_k32; add --compile for train.compile)
 """
 from __future__ import annotations
 
@@ -41,11 +42,18 @@ def variants(ks):
     return out
 
 
-def build(size: str, loss: str, extra: dict, literal: bool, device: str):
+def build(size: str, loss: str, extra: dict, literal: bool, device: str, compile_: bool = False,
+          grad_checkpointing: bool = False):
     base = dict(CPU_SIZE) if size == "cpu" else {}
     cfg = model_config("tiny" if size == "cpu" else size, pooling="llip" if loss.startswith("llip") else "cls",
                        **{**base, **extra})
     task = build_task(cfg, loss, literal_scorer=literal).to(device)
+    # the YAML's switches (train.grad_checkpointing, train.compile), applied as a run applies them
+    task.model.set_grad_checkpointing(grad_checkpointing)
+    if compile_:
+        from orchestrator.switches import compile_towers
+
+        compile_towers(task.model, allow_fallback=True, warn=print)
     opt = torch.optim.AdamW(task.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.2)
     return cfg, task, opt
 
@@ -88,11 +96,23 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (default on cuda)")
     ap.add_argument("--peak-flops", default=None, help="peak FLOP/s of the device for MFU, or 'auto' (GPU table)")
     ap.add_argument("--only", nargs="*", default=None, help="run only these variants (e.g. llip_k32 clip)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both towers (train.compile)")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="train.grad_checkpointing")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device cuda: torch {torch.__version__} sees no CUDA GPU here; install a CUDA build of torch "
+                 "on a GPU machine, or drop --device cuda")
+    names = [v[0] for v in variants(args.ks)]
+    unknown = sorted(set(args.only or []) - set(names))
+    if unknown:
+        ap.error(f"--only {' '.join(unknown)}: no such variant; choose from {' '.join(names)} (K from --ks)")
     bf16 = args.bf16 or args.device == "cuda"
     peak = None
     if args.peak_flops == "auto" and args.device == "cuda":
         peak = flops.peak_flops_for(torch.cuda.get_device_name())
+        if peak is None:
+            print(f"--peak-flops auto: no peak known for {torch.cuda.get_device_name()!r}; MFU not shown "
+                  "(give --peak-flops FLOP/s)")
     elif args.peak_flops not in (None, "auto"):
         peak = float(args.peak_flops)
     torch.manual_seed(0)
@@ -100,7 +120,7 @@ def main() -> None:
     todo = [v for v in variants(args.ks) if args.only is None or v[0] in args.only]
     built = {}
     for name, loss, extra, literal in todo:
-        cfg, task, opt = build(args.size, loss, extra, literal, args.device)
+        cfg, task, opt = build(args.size, loss, extra, literal, args.device, args.compile, args.grad_checkpointing)
         images, tokens = make_batch(cfg, args.batch, args.device)
         for _ in range(2):
             step(task, opt, images, tokens, args.device, bf16)
@@ -110,8 +130,10 @@ def main() -> None:
         for name, (cfg, task, opt, images, tokens, _lit) in built.items():
             best[name] = min(best[name], step(task, opt, images, tokens, args.device, bf16))
 
-    print(f"size {args.size}, batch {args.batch}, {args.device}{' bf16' if bf16 else ' fp32'}, "
-          f"{torch.get_num_threads()} threads, best of {args.rounds} steps")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
+    switches = "".join(f", {n}" for n, on in (("compile", args.compile), ("grad checkpointing", args.grad_checkpointing)) if on)
+    print(f"size {args.size}, batch {args.batch}, {args.device}{' bf16' if bf16 else ' fp32'}{switches}, "
+          f"{where}, best of {args.rounds} steps; {time.strftime('%Y-%m-%d')}")
     print(f"{'variant':<12} {'step s':>8} {'samples/s':>10} {'GFLOP/step':>11} {'vs clip':>8}" + ("   MFU" if peak else ""))
     res = {}
     for name, (cfg, *_rest, literal) in built.items():

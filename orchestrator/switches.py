@@ -43,6 +43,12 @@ def use_bf16(precision: str, device: torch.device, allow_fallback: bool, warn: C
 
 
 def _short(e: BaseException) -> str:
+    """The innermost cause's first line (dynamo wraps a backend's error in BackendCompilerFailed)."""
+    while True:
+        inner = getattr(e, "inner_exception", None) or e.__cause__
+        if inner is None or inner is e:
+            break
+        e = inner
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
     text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
     return text if len(text) <= 200 else text[:197] + "..."
