@@ -442,7 +442,7 @@ def console_text(rep: Report) -> str:
     out = [format_text(SUMMARY_HEAD, summary_rows(rep))]
     if rep.baseline is not None:
         out += ["", f"paired by seed against {rep.baseline}:", format_text(paired_head(rep), paired_rows(rep))]
-    out += [f"\nnote: {n}" for n in rep.notes]
+    out += ([""] if rep.notes else []) + [f"note: {n}" for n in rep.notes]
     return "\n".join(out)
 
 
