@@ -232,11 +232,7 @@ def log_to_parent(c, cmp: Comparison) -> None:
 def cli(args) -> int:
     from orchestrator import tracking
 
-    uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        raise UserError(f"MLflow store {uri} does not exist; run from the directory you trained in, "
-                        "or pass --tracking-uri / set MLFLOW_TRACKING_URI")
-    c = tracking.client(uri)
+    c, uri = tracking.existing_store_client(args.tracking_uri)
     if args.by_config:
         from orchestrator import report
 

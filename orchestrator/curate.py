@@ -151,16 +151,9 @@ class SelectUDF:
 # --------------------------------------------------------------------------------------------
 def read_stats(out: str, s3cfg=None) -> Optional[dict]:
     """curation_stats.json under a curated root, or None when absent or unreadable."""
-    try:
-        if out.startswith("s3://"):
-            from orchestrator import s3
+    from orchestrator.shards import read_json_at
 
-            bucket, key = s3.split_url(out.rstrip("/") + "/" + STATS_FILE)
-            body = s3.client(s3cfg, connect_timeout=3, max_attempts=2).get_object(Bucket=bucket, Key=key)["Body"].read()
-            return json.loads(body)
-        return json.loads((Path(out) / STATS_FILE).read_text())
-    except Exception:
-        return None
+    return read_json_at(out, STATS_FILE, s3cfg)
 
 
 def _plot_counts(before: np.ndarray, after: np.ndarray, t: int, title: str) -> bytes:

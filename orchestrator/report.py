@@ -449,11 +449,7 @@ def console_text(rep: Report) -> str:
 def cli(args) -> int:
     from orchestrator import tracking
 
-    uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        raise UserError(f"MLflow store {uri} does not exist; run from the directory you trained in, "
-                        "or pass --tracking-uri / set MLFLOW_TRACKING_URI")
-    c = tracking.client(uri)
+    c, uri = tracking.existing_store_client(args.tracking_uri)
     rep = collect(c, args.target, args.baseline)
     name = rep.parent.data.tags.get("llip.run_name", rep.parent.info.run_id)
     print(f"sweep {name} in experiment {rep.experiment}: {len(rep.trials)} finished trials, "

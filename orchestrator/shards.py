@@ -34,7 +34,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -472,18 +472,23 @@ def write_emoji_shards(out: str, samples_per_shard: int = DEFAULT_SAMPLES_PER_SH
                         meta=meta, s3cfg=s3cfg, log=log)
 
 
-def read_manifest(out: str, s3cfg=None) -> Optional[dict]:
-    """The manifest under a shard root (local or s3), or None."""
+def read_json_at(root: str, name: str, s3cfg=None) -> Optional[dict]:
+    """A small JSON file under a shard root (local or s3), or None when absent or unreadable."""
     try:
-        if out.startswith("s3://"):
+        if root.startswith("s3://"):
             from orchestrator import s3
 
-            bucket, prefix = s3.split_url(out.rstrip("/") + "/" + MANIFEST)
-            body = s3.client(s3cfg, connect_timeout=3, max_attempts=2).get_object(Bucket=bucket, Key=prefix)["Body"].read()
+            bucket, key = s3.split_url(root.rstrip("/") + "/" + name)
+            body = s3.client(s3cfg, connect_timeout=3, max_attempts=2).get_object(Bucket=bucket, Key=key)["Body"].read()
             return json.loads(body)
-        return json.loads((Path(out) / MANIFEST).read_text())
+        return json.loads((Path(root) / name).read_text())
     except Exception:
         return None
+
+
+def read_manifest(out: str, s3cfg=None) -> Optional[dict]:
+    """The manifest under a shard root (local or s3), or None."""
+    return read_json_at(out, MANIFEST, s3cfg)
 
 
 # --------------------------------------------------------------------------------------------

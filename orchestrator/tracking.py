@@ -34,6 +34,18 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def existing_store_client(configured: Optional[str] = None):
+    """(client, uri) for commands that read results: a local sqlite store must already exist (opening
+    a missing one would silently create an empty store and report "nothing found")."""
+    from orchestrator.errors import UserError
+
+    uri = resolve_tracking_uri(configured)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise UserError(f"MLflow store {uri} does not exist; run from the directory you trained in, "
+                        "or pass --tracking-uri / set MLFLOW_TRACKING_URI")
+    return client(uri), uri
+
+
 def experiment_id(c, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     return exp.experiment_id if exp else c.create_experiment(name)
