@@ -22,9 +22,12 @@ def test_smoke_run_trains_logs_and_checkpoints(emoji_shards, cli_env, tmp_path):
         "--set", f"data.train={emoji_shards / 'train'}",
         "--set", f"data.eval={emoji_shards / 'eval'}",
         "--set", f"storage_path={tmp_path / 'runs'}",
+        "--set", "train.peak_flops=1e12",  # a number gives MFU on a CPU too
     ], cli_env, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "held-out image->text R@1" in r.stdout and "mlflow ui --backend-store-uri" in r.stdout
+    progress = [ln for ln in r.stdout.splitlines() if "[llip] step " in ln]  # Ray prefixes the worker's pid
+    assert progress and all(" samples/s data-wait " in ln and " MFU " in ln and " ETA " in ln for ln in progress), progress
 
     c = MlflowClient(cli_env["MLFLOW_TRACKING_URI"])
     exp = c.get_experiment_by_name("smoke")
@@ -42,6 +45,10 @@ def test_smoke_run_trains_logs_and_checkpoints(emoji_shards, cli_env, tmp_path):
     assert hist[-1].value < hist[0].value - 0.05, [m.value for m in hist]
     for key in ("train/lr", "train/logit_scale", "train/samples_per_s", "eval/i2t_recall1", "data/skipped"):
         assert c.get_metric_history(run.info.run_id, key), key
+    step = {k: c.get_metric_history(run.info.run_id, f"train/{k}")[-1].value
+            for k in ("step_time_s", "data_wait_s", "compute_s", "data_wait_share", "mfu")}
+    assert step["data_wait_s"] + step["compute_s"] == pytest.approx(step["step_time_s"], rel=1e-6)
+    assert 0 <= step["data_wait_share"] <= 1 and 0 < step["mfu"] < 1, step
     assert c.get_metric_history(run.info.run_id, "data/skipped")[-1].value == 0
     arts = {a.path for a in c.list_artifacts(run.info.run_id)} | {
         a.path for d in ("config", "plots", "eval") for a in c.list_artifacts(run.info.run_id, d)}
