@@ -29,9 +29,11 @@ from llip_core import flops
 from llip_core.config import model_config
 from llip_core.task import build_task
 
-# The CPU size: small enough for 2 cores, with B/16's joint space (D = 512, H = 8) so the Llip
-# scorer runs the shapes the paper runs (H*K <= D up to K = 64).
-CPU_SIZE = dict(image_size=32, patch_size=4, width=256, layers=4, heads=4, text_width=256, text_layers=4,
+# The CPU size: small enough for 2 cores, with B/16's token counts (14 x 14 = 196 patches; K = 32
+# mixture tokens add the same share of tokens as on B/16) and B/16's joint space (D = 512, H = 8), so
+# the Llip scorer runs the paper's shapes (H*K <= D up to K = 64). Narrow towers keep a step short.
+# (At 32 px with 64 patches, 32 mixture tokens would make the image tower 1.5x CLIP's by itself.)
+CPU_SIZE = dict(image_size=56, patch_size=4, width=128, layers=4, heads=4, text_width=128, text_layers=4,
                 text_heads=4, context_length=16, vocab_size=4096, vocab="compact", embed_dim=512, cross_heads=8)
 
 
