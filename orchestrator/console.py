@@ -27,6 +27,11 @@ _NOISE = re.compile(
 )
 
 
+def natural_key(key: str) -> list:
+    """Sort key that puts top1_tau3 before top1_tau10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
 def verbose() -> bool:
     return os.environ.get("LLIP_VERBOSE", "") not in ("", "0")
 

@@ -304,7 +304,9 @@ def print_summary(cfg: ExperimentConfig, r: RunResult) -> None:
         c1, c5 = m.get("eval/chance_t2i_recall1", 1 / n_eval), m.get("eval/chance_t2i_recall5", 5 / n_eval)
         rows.append(("chance text->image R@1 / R@5",
                      f"{100 * c1:.2f}% / {100 * c5:.2f}% ({int(n_eval)} held-out images)"))
-    for k in sorted(m):  # eval.sets: each set's headline figures (all of them: eval/final.md)
+    from orchestrator.console import natural_key
+
+    for k in sorted(m, key=natural_key):  # eval.sets: each set's headline figures (all of them: eval/final.md)
         parts = k.split("/")
         if len(parts) == 3 and parts[0] == "eval" and (parts[2] in ("recall1", "recall5", "top1", "top5")
                                                        or parts[2].startswith("top1_tau")):

@@ -54,6 +54,24 @@ def _load_checkpoint(cfg) -> dict[str, Any] | None:
     return max(states, key=lambda st: st["step"], default=None)
 
 
+def eval_line(step: int, metrics: dict) -> str:
+    """The headline eval figures of this step: R@1 per retrieval set, top-1 per classification set
+    (for Llip, at every tau evaluated), and the seconds evaluation took."""
+    from orchestrator.console import natural_key
+
+    parts = []
+    for k in sorted(metrics, key=lambda k: (k.count("/"), natural_key(k))):  # held-out first
+        name = k.split("/")
+        if name[0] != "eval":
+            continue
+        last = name[-1]
+        if last == "recall1" or last == "top1" or last.startswith("top1_tau"):
+            where = "/".join(name[1:-1]) or "held-out"
+            parts.append(f"{where} {last} {100 * metrics[k]:.1f}%")
+    secs = sum(v for k, v in metrics.items() if k.startswith("eval") and k.endswith("seconds"))
+    return f"[llip] eval step {step}: " + ", ".join(parts) + f" ({secs:.1f} s)"
+
+
 def say(msg: str) -> None:
     """Print once: Ray Train patches print() to tee into its logger, which doubles every line."""
     print(msg, file=sys.__stdout__, flush=True)
@@ -197,6 +215,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 report(metrics, with_checkpoint=ckpt_due)
                 if rank == 0:
                     say(progress_line(step, cfg.train.steps, loss_mean, lr, metrics, wall / clock.steps))
+                    if eval_due:
+                        say(eval_line(step, metrics))
                 window_loss, window_n = 0.0, 0
                 clock.restart()
             if last:

@@ -30,3 +30,15 @@ def test_filter_batch_keeps_fields_and_drops_empty_batches():
     out = filter_batch(data)
     assert out["lines"] == KEEP[:1] and out["pid"] == 7196 and data["lines"][0] == NOISE[0]  # input untouched
     assert filter_batch({**data, "lines": NOISE}) is None
+
+
+def test_eval_line_and_natural_order():
+    from orchestrator.console import natural_key
+    from orchestrator.train import eval_line
+
+    assert sorted(["top1_tau10", "top1_tau3", "top1_tau1"], key=natural_key) == ["top1_tau1", "top1_tau3", "top1_tau10"]
+    line = eval_line(50, {"eval/recall1": 0.123, "eval/i2t_recall1": 0.5, "eval/fashion_mnist/top1_tau10": 0.1,
+                          "eval/fashion_mnist/top1_tau3": 0.11, "eval/fashion_mnist/top5_tau3": 0.5,
+                          "eval/seconds": 0.8, "eval/fashion_mnist/seconds": 1.1, "train/loss": 3.0})
+    assert line == ("[llip] eval step 50: held-out recall1 12.3%, fashion_mnist top1_tau3 11.0%, "
+                    "fashion_mnist top1_tau10 10.0% (1.9 s)")
