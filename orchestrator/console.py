@@ -59,6 +59,14 @@ def quiet_worker_logs() -> bool:
 
     # Driver-side: Ray Data notes once that tqdm is absent; llip prints its own progress lines.
     logging.getLogger("ray.experimental.tqdm_ray").setLevel(logging.ERROR)
+    # Datasets executed in this process (`llip curate`) log their banners and progress at INFO to
+    # the console handler Ray Data installs when imported; its file handler (ray-data.log in the
+    # session folder) keeps everything.
+    import ray.data  # noqa: F401  (configures Ray Data's loggers once, so the change below sticks)
+
+    for h in logging.getLogger("ray.data").handlers:
+        if h.name == "console":
+            h.setLevel(logging.WARNING)
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as disp
     except ImportError:
