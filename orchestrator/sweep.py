@@ -153,15 +153,16 @@ def _report_callback(metric: str):
     return MetricTuneReportCallback(metric)
 
 
-def driver_fn(config: dict[str, Any]) -> None:
+def driver_fn(config: dict[str, Any], llip: dict[str, Any]) -> None:
     """One trial: the base config plus this trial's overrides, trained by run_experiment into a
-    child run of the sweep's parent."""
+    child run of the sweep's parent. `llip` (the base config, parent run, variants) is passed with
+    tune.with_parameters, not in the trial's config, so Tune's console shows only what is swept."""
     import ray.tune
 
     from orchestrator.config import parse_config
     from orchestrator.driver import run_experiment
 
-    meta = config["llip"]
+    meta = llip
     overrides = dict(config["overrides"])
     variant = config.get("variant")
     variant_tags = {}
@@ -247,12 +248,14 @@ def run_sweep(cfg: ExperimentConfig, max_concurrent_trials: Optional[int] = None
         tracker = _trial_tracker()
         tuner = tune.Tuner(
             # The trial actor only waits on its TorchTrainer, whose workers hold the real resources.
-            tune.with_resources(driver_fn, {"cpu": TRIAL_ACTOR_CPU}),
+            tune.with_resources(
+                tune.with_parameters(driver_fn, llip={
+                    "base": cfg.model_dump(mode="json", exclude={"sweep"}), "parent_run_id": parent_id,
+                    "sweep_run_name": run_name, "metric": sw.metric, "variants": sw.variants or {}}),
+                {"cpu": TRIAL_ACTOR_CPU}),
             param_space={
                 "overrides": {path: tune_space(space) for path, space in sw.params.items()},
                 **({"variant": tune.grid_search(list(sw.variants))} if sw.variants else {}),
-                "llip": {"base": cfg.model_dump(mode="json", exclude={"sweep"}), "parent_run_id": parent_id,
-                         "sweep_run_name": run_name, "metric": sw.metric, "variants": sw.variants or {}},
             },
             tune_config=tune.TuneConfig(metric=sw.metric, mode=sw.mode, num_samples=sw.num_samples, scheduler=scheduler,
                                         max_concurrent_trials=limit),
