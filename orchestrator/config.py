@@ -329,7 +329,7 @@ class ExperimentConfig(_Strict):
 
     def with_overrides(self, overrides: dict[str, Any]) -> "ExperimentConfig":
         """A new config with dotted-path overrides applied (used by sweeps), re-validated."""
-        raw = self.model_dump(mode="json", exclude_none=True)
+        raw = self.model_dump(mode="json")  # keeps explicit nulls: data.eval: null must stay null
         for path, value in overrides.items():
             _set_dotted(raw, path, value)
         return parse_config(raw, source=f"{self.name} + overrides")

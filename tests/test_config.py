@@ -104,3 +104,13 @@ def test_cli_validate_exit_codes_and_one_line_errors(tmp_path):
     r = llip("run", str(tmp_path / "missing.yaml"))
     assert r.returncode != 0
     assert r.stderr.strip() == f"llip: error: {tmp_path / 'missing.yaml'}: experiment file not found"
+
+
+def test_overrides_keep_explicit_nulls():
+    """A later override must not resurrect a default the user set to null (data.eval: null would
+    otherwise evaluate on data/emoji/eval again, or fail on a machine without it)."""
+    from orchestrator.config import load_config
+
+    cfg = load_config(ROOT / "experiments" / "smoke.yaml").with_overrides({"data.eval": None})
+    again = cfg.with_overrides({"model.vocab_size": 123}).with_overrides({"train.steps": 3})
+    assert again.data.eval is None and again.model.vocab_size == 123 and again.train.steps == 3
