@@ -442,17 +442,18 @@ def build_loss(loss_type: str, rank: int = 0, world_size: int = 1, tau: float = 
     """multi_caption: the loss takes M captions per image with a caption_mask (data.captions: all)."""
     if loss_type == "holistic":
         return HolisticLoss(rank, world_size, group, diversity_weight, diversity_margin)
-    if multi_caption:
-        return _multi_caption_loss(loss_type, rank, world_size, tau, literal_scorer, chunk_size, group)
+    # the same four losses, each taking every caption of an image as its positive when multi_caption
+    infonce, sigmoid = ((MultiCaptionInfoNCELoss, MultiCaptionSigmoidLoss) if multi_caption
+                        else (InfoNCELoss, SigmoidLoss))
     if loss_type == "clip":
-        return InfoNCELoss(dot_scores, ("image_emb",), ("text_emb",), rank, world_size, group)
+        return infonce(dot_scores, ("image_emb",), ("text_emb",), rank, world_size, group)
     if loss_type == "siglip":
-        return SigmoidLoss(dot_scores, ("text_emb",), rank, world_size, group)
+        return sigmoid(dot_scores, ("text_emb",), rank, world_size, group)
     llip = LlipScorer(tau, chunk_size, literal_scorer)
     if loss_type == "llip":
-        return SigmoidLoss(llip, ("queries", "text_emb"), rank, world_size, group)
+        return sigmoid(llip, ("queries", "text_emb"), rank, world_size, group)
     if loss_type == "llip_infonce":
-        return InfoNCELoss(llip, ("keys", "values"), ("queries", "text_emb"), rank, world_size, group)
+        return infonce(llip, ("keys", "values"), ("queries", "text_emb"), rank, world_size, group)
     raise ValueError(f"unknown loss type {loss_type!r}; choose one of {LOSS_TYPES}")
 
 
@@ -686,15 +687,3 @@ class HolisticLoss(nn.Module):
         return out
 
 
-def _multi_caption_loss(loss_type: str, rank: int, world_size: int, tau: float, literal_scorer: bool,
-                        chunk_size: int | None, group) -> nn.Module:
-    if loss_type == "clip":
-        return MultiCaptionInfoNCELoss(dot_scores, ("image_emb",), ("text_emb",), rank, world_size, group)
-    if loss_type == "siglip":
-        return MultiCaptionSigmoidLoss(dot_scores, ("text_emb",), rank, world_size, group)
-    llip = LlipScorer(tau, chunk_size, literal_scorer)
-    if loss_type == "llip":
-        return MultiCaptionSigmoidLoss(llip, ("queries", "text_emb"), rank, world_size, group)
-    if loss_type == "llip_infonce":
-        return MultiCaptionInfoNCELoss(llip, ("keys", "values"), ("queries", "text_emb"), rank, world_size, group)
-    raise ValueError(f"unknown loss type {loss_type!r}; choose one of {LOSS_TYPES}")
