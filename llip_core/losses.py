@@ -685,5 +685,3 @@ class HolisticLoss(nn.Module):
             loss = loss + self.diversity_weight * diversity
         out["loss"] = loss
         return out
-
-
