@@ -7,7 +7,6 @@ to report). Rank 0 alone writes metrics to MLflow and checkpoints to the run's s
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -95,8 +94,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from orchestrator.data import check_bad_fraction, iter_train_batches
     from orchestrator.tracking import MetricLogger
 
-    # Train logs every report's full metrics dict at INFO on every rank; rank 0's progress line says it.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = parse_config(config["experiment"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
