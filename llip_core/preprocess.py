@@ -146,6 +146,18 @@ def normalize(hwc_uint8: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(x, -1, -3))
 
 
+def normalize_torch(hwc_uint8, dtype=None):
+    """`normalize` for a torch uint8 tensor (..., H, W, 3) on any device: the same float32 ops, so
+    the result is bit-identical to normalizing with numpy before the transfer."""
+    import torch
+
+    mean = torch.as_tensor(_MEAN, device=hwc_uint8.device)
+    inv_std = torch.as_tensor(_INV_STD, device=hwc_uint8.device)
+    x = (hwc_uint8.to(torch.float32) - mean) * inv_std
+    x = x.movedim(-1, -3).contiguous()
+    return x if dtype is None else x.to(dtype)
+
+
 def preprocess(
     data: bytes, size: int, rng: Optional[np.random.Generator] = None, augment: bool = False,
 ) -> np.ndarray:

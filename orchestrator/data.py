@@ -336,17 +336,22 @@ class Decoder:
     # vocab_size buckets
     tokenizer: Optional[dict] = None
     hflip: bool = False  # flip half the training views, never a sample whose captions name a direction
+    # the epoch whose views to draw; None: Ray Data's execution index (one execution per epoch)
+    epoch: Optional[int] = None
+    # images as uint8 HWC (4x less to move; the training worker normalizes them on its device)
+    uint8: bool = False
 
     def __call__(self, batch: dict) -> dict:
         from llip_core.preprocess import CorruptImageError, load_rgb, normalize, transform
         from llip_core.tokenizer import cached_tokenizer, tokenizer_spec
 
-        epoch = current_epoch()
+        epoch = current_epoch() if self.epoch is None else self.epoch
+        has_pos = "pos" in batch
         n = len(batch["key"])
         counts = {k: 0 for k in STATS_KEYS}
         counts["data/seen"] = n
         images = np.empty((n, self.image_size, self.image_size, 3), dtype=np.uint8)
-        chosen, ids = [], []
+        chosen, ids, pos = [], [], []
         m = 0
         for i in range(n):
             err = batch["error"][i]
@@ -382,6 +387,8 @@ class Decoder:
             else:
                 chosen.append(pool[int(rng.integers(len(pool)))] if len(pool) > 1 and not self.with_caption else caps[0])
             ids.append(sid)
+            if has_pos:
+                pos.append(int(batch["pos"][i]))
             m += 1
         if self.stats is not None:
             self.stats.add({k: v for k, v in counts.items() if v})
@@ -390,7 +397,7 @@ class Decoder:
         if multi:
             chosen, mask = caption_slots(chosen, self.max_captions)
         out = {
-            "image": normalize(images[:m]),
+            "image": images[:m] if self.uint8 else normalize(images[:m]),
             "tokens": tok(chosen) if chosen else np.zeros((0, self.context_length), dtype=np.int64),
             "sample_id": np.asarray(ids, dtype=np.int64),
         }
@@ -399,6 +406,8 @@ class Decoder:
             out["caption_mask"] = mask
         if self.with_caption:
             out["caption"] = encode_captions(chosen)
+        if has_pos:
+            out["pos"] = np.asarray(pos, dtype=np.int64)
         return out
 
 

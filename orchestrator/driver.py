@@ -141,7 +141,8 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.data import build_datasets, data_config, manifest_tags
+    from orchestrator.data import DataStats, manifest_tags
+    from orchestrator.dataplan import build_train_source
     from orchestrator.train import train_loop_per_worker
 
     init_ray()
@@ -149,8 +150,10 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
 
     # once per run: the compact vocabulary from the training captions, or a relaunch's checkpoint's
     cfg, tokenizer = resolve_tokenizer(cfg, run_name)
-    datasets, stats = build_datasets(cfg, tokenizer)  # preflight: fails in one line before any MLflow run exists
-    datasets.pop("eval", None)  # rank 0 reads data.eval itself, with the other eval sets (evaluation.py)
+    # the shards' sample counts and the decoder: every epoch's order follows from them and the seed
+    # (fails in one line before any MLflow run exists); rank 0 reads the eval sets itself (evaluation.py)
+    stats = DataStats.create()
+    source = build_train_source(cfg, tokenizer, stats, cpu_limit=data_cpu_limit)
     c, uri, run_id, run_name, resumed = start_mlflow_run(
         cfg, run_name, parent_run_id, {**manifest_tags(cfg), **(tags or {})})
     print(f"[llip] {'resuming' if resumed else 'starting'} run {run_name} (MLflow run {run_id} in {uri})", flush=True)
@@ -166,6 +169,7 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
             "mlflow_run_id": run_id,
             "tracking_uri": uri,
             "data_stats": stats,
+            "train_source": source,
             "eval_sets": eval_sets,
             "tokenizer_spec": tokenizer,
         },
@@ -185,8 +189,6 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
             logging_config=LoggingConfig(log_level="WARNING"),
             callbacks=callbacks,
         ),
-        datasets=datasets,
-        dataset_config=data_config() if data_cpu_limit is None else _capped_data_config(data_cpu_limit),
     )
     try:
         result = trainer.fit()
@@ -210,17 +212,6 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
     c.set_terminated(run_id, status="FINISHED")
     return RunResult(run_id=run_id, run_name=run_name, tracking_uri=uri, metrics=dict(result.metrics or {}),
                      checkpoint=ckpt)
-
-
-def _capped_data_config(cpus: float):
-    from ray.data import ExecutionResources
-    from ray.train import DataConfig
-
-    from orchestrator.data import DATASETS_TO_SPLIT, ingest_options
-
-    opts = ingest_options()
-    opts.resource_limits = ExecutionResources(cpu=cpus)
-    return DataConfig(datasets_to_split=list(DATASETS_TO_SPLIT), execution_options=opts)
 
 
 def latest_checkpoint_on_disk(cfg: ExperimentConfig, run_name: str):

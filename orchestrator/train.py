@@ -84,6 +84,45 @@ def _all_reduce_mean(values: list[float], world: int) -> list[float]:
     return (t / world).tolist()
 
 
+def _all_have_batch(mine: bool, world: int, device) -> bool:
+    """True while every rank has a full batch: the epoch ends for all ranks at once (their plan
+    runs can differ by a few samples, and unreadable samples are dropped unevenly)."""
+    if world == 1:
+        return mine
+    t = torch.tensor([1 if mine else 0], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _open_trace(run_name: str, rank: int):
+    """$LLIP_TRACE_STEPS=DIR: every rank appends one JSON line per step to DIR/<run>-rank<r>.jsonl
+    (step, epoch, this rank's loss, the sample ids it trained on), for checking which samples a
+    step saw, e.g. that a resumed run continues exactly where it stopped."""
+    d = os.environ.get("LLIP_TRACE_STEPS")
+    if not d:
+        return None
+    os.makedirs(d, exist_ok=True)
+    return open(os.path.join(d, f"{run_name}-rank{rank}.jsonl"), "a", buffering=1)
+
+
+def _rng_state() -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any] | None) -> None:
+    if not st:
+        return
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(st["cuda"])
+        except (RuntimeError, IndexError):  # fewer GPUs than when it was written: keep the fresh state
+            pass
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -91,7 +130,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from llip_core.optim import build_optimizer, cosine_lr
     from llip_core.task import build_task
     from orchestrator.config import parse_config
-    from orchestrator.data import check_bad_fraction, iter_train_batches
+    from llip_core.preprocess import normalize_torch
+    from orchestrator.data import check_bad_fraction
+    from orchestrator.dataplan import EpochStream
     from orchestrator.tracking import MetricLogger
 
     cfg = parse_config(config["experiment"])
@@ -113,6 +154,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = build_optimizer(core, cfg.train.lr, cfg.train.betas, cfg.train.eps, cfg.train.weight_decay)
 
     step, epoch = 0, 0
+    data_pos = None  # where in its epoch the checkpoint stopped (orchestrator/dataplan.py)
     state = _load_checkpoint(cfg)
     if state is not None:
         if state.get("tokenizer") is not None and config.get("tokenizer_spec") is not None:
@@ -122,8 +164,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, epoch = state["step"], state["epoch"]
+        if state.get("data") is not None:
+            from orchestrator.dataplan import DataPosition
+
+            data_pos = DataPosition.from_json(state["data"])
+            epoch = data_pos.epoch
+        _set_rng_state(state.get("rng"))
         if rank == 0:
-            say(f"[llip] resumed from checkpoint at step {step}, epoch {epoch}")
+            from orchestrator.dataplan import describe
+
+            say(f"[llip] resumed from checkpoint at step {step}, epoch {epoch} ({describe(data_pos)})")
     from llip_core.flops import train_step_flops
     from orchestrator.stepmetrics import StepClock, progress_line, resolve_peak_flops, step_metrics
     from orchestrator.switches import apply_switches
@@ -140,7 +190,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 and config.get("mlflow_run_id") else None
     stats = config.get("data_stats")
     local_bs = cfg.data.batch_size // world
-    shard = ray.train.get_dataset_shard("train")
+    source = config["train_source"]  # orchestrator.dataplan.TrainSource, built by the driver
+    multi = cfg.data.captions == "all"
     # Eval sets (data.eval and eval.sets, preflighted by the driver) are decoded once, on rank 0 only:
     # the other ranks wait for it at the next collective, so an evaluation stalls training by its own
     # duration and no more. Every rank knows when one is due, so all report on that step together.
@@ -153,28 +204,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
         ckpt = None
-        if with_checkpoint and rank == 0:
-            ckpt = _save_checkpoint({
-                "model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                "config": config["experiment"], "tokenizer": config.get("tokenizer_spec"),
-            })
+        if with_checkpoint:
+            from orchestrator.dataplan import DataPosition, gather_remaining
+
+            remaining = gather_remaining(stream.remaining(), world, rank)  # a collective: every rank
+            if rank == 0:
+                ckpt = _save_checkpoint({
+                    "model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                    "config": config["experiment"], "tokenizer": config.get("tokenizer_spec"),
+                    "data": DataPosition(epoch, remaining).to_json(), "rng": _rng_state(),
+                })
         if logger is not None:
             logger.log(metrics, step)
         ray.train.report({**metrics, "step": step, "epoch": epoch}, checkpoint=ckpt)
 
     window_loss, window_n = 0.0, 0
+    trace = _open_trace(ctx.get_experiment_name(), rank)
     clock = StepClock()  # data-wait vs compute per step (orchestrator/stepmetrics.py)
     done = step >= cfg.train.steps
     while not done:
         saw_batch = False
-        for batch in iter_train_batches(shard, local_bs, cfg.data.shuffle_buffer, epoch_seed=cfg.seed * 100003 + epoch,
-                                        multi_caption=cfg.data.captions == "all"):
+        if data_pos is not None and data_pos.epoch == epoch:  # the rest of the epoch the checkpoint was in
+            mine = data_pos.for_workers(world)[rank]
+        else:
+            mine = source.plan(epoch).worker_intervals(world)[rank]
+        stream = EpochStream(source, epoch, mine, local_bs, multi_caption=multi)
+        while True:
+            batch = stream.next_batch()
+            if not _all_have_batch(batch is not None, world, device):  # ranks step in lockstep
+                break
             saw_batch = True
             clock.batch_ready()
             lr = cosine_lr(step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            images = batch["image"].to(device, non_blocking=True)
+            images = normalize_torch(batch["image"].to(device, non_blocking=True))
             tokens = batch["tokens"].to(device, non_blocking=True)
             mask = batch["caption_mask"].to(device, non_blocking=True) if "caption_mask" in batch else None
             with amp:
@@ -186,8 +250,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.step()
             core.after_step()
             step += 1
-            window_loss += float(terms["loss"].detach())  # also waits for the device: compute ends here
+            step_loss = float(terms["loss"].detach())  # also waits for the device: compute ends here
+            window_loss += step_loss
             window_n += 1
+            if trace is not None:
+                trace.write(json.dumps({"step": step, "epoch": epoch, "loss": step_loss,
+                                        "ids": batch["sample_id"].tolist()}) + "\n")
             clock.step_done(images.shape[0] * world)
 
             last = step >= cfg.train.steps
@@ -219,7 +287,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if last:
                 done = True
                 break
-        if not saw_batch:
+        if not saw_batch and not (data_pos is not None and data_pos.epoch == epoch):
             raise RuntimeError(
                 f"rank {rank}: the training shard yielded no full batch of {local_bs}; "
                 "lower data.batch_size or add data"
