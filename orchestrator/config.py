@@ -257,6 +257,21 @@ class SweepSection(_Strict):
     mode: Literal["min", "max"] = "max"
     scheduler: Optional[SchedulerSection] = None
     max_concurrent_trials: Optional[int] = Field(None, ge=1)  # None: derived from cluster resources
+    shared_data: "SharedDataSection" = Field(default_factory=lambda: SharedDataSection())
+
+
+class SharedDataSection(_Strict):
+    """One decode per data setting for all of a sweep's trials (orchestrator/datacache.py)."""
+    enabled: bool = True  # false: every trial reads and decodes its own data, as `llip run` does
+    cache: Optional[str] = None  # local dir or s3://bucket/prefix; None: <storage_path>/<sweep run>/data_cache
+    max_gb: float = Field(50.0, gt=0)  # above this estimate (or the local disk's free space): per-trial decoding
+
+    @field_validator("cache")
+    @classmethod
+    def _cache_where(cls, v):
+        if v is not None and ("://" in v and not v.startswith("s3://") or not v.strip()):
+            raise ValueError(f"{v!r}: give a local folder or s3://bucket/prefix, or null for the sweep's folder")
+        return v
 
 
 class ExperimentConfig(_Strict):

@@ -132,11 +132,12 @@ def start_mlflow_run(cfg: ExperimentConfig, run_name: Optional[str], parent_run_
 
 def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent_run_id: Optional[str] = None,
                    tags: Optional[dict[str, str]] = None, callbacks: Optional[list] = None,
-                   data_cpu_limit: Optional[float] = None) -> RunResult:
+                   data_cpu_limit: Optional[float] = None, shared_data: Optional[dict] = None) -> RunResult:
     """`callbacks`: Ray Train UserCallbacks for the trainer's RunConfig (a sweep passes its
     TuneReportCallback here so Tune sees the trial's metrics). `data_cpu_limit`: cap on the CPUs
     this run's Ray Data pipeline may hold (a sweep gives each trial its share; unset, Ray Data
-    takes every free CPU and concurrent trials wait for it)."""
+    takes every free CPU and concurrent trials wait for it). `shared_data`: a sweep's shared data
+    pass (orchestrator/datacache.py): the run reads its decoded windows instead of decoding."""
     eval_sets = preflight(cfg)  # before importing Ray Train, which alone takes seconds
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -154,6 +155,10 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
     # (fails in one line before any MLflow run exists); rank 0 reads the eval sets itself (evaluation.py)
     stats = DataStats.create()
     source = build_train_source(cfg, tokenizer, stats, cpu_limit=data_cpu_limit)
+    if shared_data:
+        from orchestrator.datacache import attach
+
+        source = attach(source, cfg, shared_data)
     c, uri, run_id, run_name, resumed = start_mlflow_run(
         cfg, run_name, parent_run_id, {**manifest_tags(cfg), **(tags or {})})
     print(f"[llip] {'resuming' if resumed else 'starting'} run {run_name} (MLflow run {run_id} in {uri})", flush=True)
@@ -209,6 +214,7 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
         c.set_tag(run_id, "llip.checkpoint", ckpt)
     _log_curves(c, run_id, dict(result.metrics or {}), cfg.resolved_model().tau)
     _log_final_table(c, run_id, dict(result.metrics or {}))
+    _log_final_data_counts(c, run_id, stats, result.metrics or {})
     c.set_terminated(run_id, status="FINISHED")
     return RunResult(run_id=run_id, run_name=run_name, tracking_uri=uri, metrics=dict(result.metrics or {}),
                      checkpoint=ckpt)
@@ -255,6 +261,19 @@ def _one_line(e: BaseException) -> str:
     text = str(seen).strip().splitlines()
     last = next((line for line in reversed(text) if line.strip()), "") if text else ""
     return f"{type(seen).__name__}: {last}" if last else type(seen).__name__
+
+
+def _log_final_data_counts(c, run_id: str, stats, metrics: dict[str, Any]) -> None:
+    """The data counters as the run ends (data/decoded, read and decode CPU ms, ...), at the last
+    step: the last report predates the decode tasks still running when training stopped."""
+    try:
+        from orchestrator.datacache import _metric_list
+
+        snap = stats.snapshot(timeout=10)
+        c.log_batch(run_id, metrics=_metric_list({k: v for k, v in snap.items() if k.startswith("data/")},
+                                                 int(metrics.get("step", 0) or 0)))
+    except Exception as e:  # bookkeeping must never fail a finished run
+        print(f"[llip] warning: could not log the final data counters: {type(e).__name__}", flush=True)
 
 
 def _log_final_table(c, run_id: str, metrics: dict[str, Any]) -> None:
