@@ -54,7 +54,8 @@ def make_decoder(image_size: int, augment: bool, urls: list[str]):
     spec = build_compact_spec(tokenizer_spec(tiny.tokenizer, tiny.context_length, tiny.vocab_size, tiny.vocab),
                               shard_captions(sorted(set(urls))))
     return Decoder(image_size=image_size, vocab_size=build_tokenizer(spec).vocab_size,
-                   context_length=tiny.context_length, augment=augment, seed=0, stats=None, tokenizer=spec)
+                   context_length=tiny.context_length, augment=augment, seed=0, stats=None, tokenizer=spec,
+                   uint8=True)  # as training decodes: uint8 images, normalized on the worker
 
 
 # ---- plain loader: webdataset + DataLoader workers -------------------------------------------
@@ -86,11 +87,16 @@ def plain_loader(urls: list[str], decoder, batch_size: int, workers: int):
                                        prefetch_factor=2 if workers > 0 else None)
 
 
-# ---- Ray Data pipeline: exactly what build_datasets builds for "train" -------------------------
-def ray_dataset(urls: list[str], decoder, workers: int, decode_cpus: float):
-    from orchestrator.data import pipeline
+# ---- Ray Data pipeline: what each training worker builds per epoch (orchestrator/dataplan.py) ----
+def ray_dataset(urls: list[str], decoder, workers: int, decode_cpus: float, window: int = 2048):
+    """The whole epoch's plan (one worker): read tasks per shuffle window of `window` samples, in
+    plan order, fused with the decoder."""
+    from orchestrator.dataplan import TrainSource, shard_counts
 
-    return pipeline(urls, None, decoder, shuffle_seed=0, concurrency=workers, num_cpus=decode_cpus)
+    counts = shard_counts(str(Path(urls[0]).parent), urls, None)
+    src = TrainSource(location="bench", paths=tuple(urls), counts=tuple(counts), fs=None, seed=0, window=window,
+                      decoder=decoder, concurrency=workers, num_cpus=decode_cpus)
+    return src.dataset(0, [(0, sum(counts))])
 
 
 def timed_epoch(batches) -> tuple[int, float]:

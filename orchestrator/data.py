@@ -1,34 +1,27 @@
-"""The data plane: WebDataset shards (local or s3://) -> Ray Data -> TorchTrainer workers.
+"""The data plane's parts: reading WebDataset shards (local or s3://) and decoding them in Ray Data tasks.
 
-Pipeline (driver side, `build_datasets`):
-  read     Ray's WebDataset datasource over the shard list, bytes kept (no decoding in the read),
-           file order reshuffled every epoch (FileShuffleConfig seeded by cfg.seed; Ray re-seeds it
-           with the execution index, and every epoch is one execution of the dataset). A truncated
-           tar yields the samples before the damage plus one marker row, instead of failing.
-  decode   `map_batches` on CPU: decode + augment (llip_core.preprocess) + pick a caption +
+How they are put together for training (which samples, in which order, on which worker, and how a
+checkpoint resumes mid-epoch) is orchestrator/dataplan.py. The parts:
+  read     `read_tar_stream`: one tar -> pyarrow tables of raw bytes {key, url, image, txt, json,
+           error}; a truncated tar yields the samples before the damage plus one marker row, instead
+           of failing. `read_shards` (Ray's WebDataset datasource over a shard list) serves curation.
+  decode   `Decoder`, the map_batches UDF: decode + augment (llip_core.preprocess) + pick a caption +
            tokenize (llip_core.tokenizer). Bad samples (undecodable image, no caption, truncated
            tar) are dropped here and counted in a small named actor (`DataStats`).
            Read and decode get the same num_cpus (data.decode_cpus) and concurrency
            (data.decode_concurrency), so Ray fuses them into one task per group of tars: raw bytes
            never cross the object store (2x faster than two stages in benchmarks/ingest.py).
-  split    the trainer gets DataConfig(datasets_to_split=["train"]): Ray Data's streaming_split
-           (equal=True) deals every sample of an epoch to exactly one worker (at most
-           num_workers - 1 rows of an epoch are dropped to keep the splits equal); "eval" is given
-           whole to every worker.
-Worker side: `iter_train_batches` applies the local shuffle buffer (seeded per epoch) and drops
-the last partial batch so every rank steps in lockstep.
 
 Randomness is per (cfg.seed, epoch, sample): the crop, the flip and the caption chosen for a
 multi-caption sample are drawn from a Generator seeded by those three, so they differ between
 epochs, do not depend on which task or worker handles the sample, and repeat across reruns.
-The epoch is Ray Data's execution index of the dataset, read inside the decode task.
 
 Scaling the CPU stage onto other nodes
   Ray Data schedules `map_batches` tasks on any node with free CPUs, not only where the trainers
   run, so the decode stage scales by adding CPU capacity to the cluster:
-  - raise `data.decode_concurrency` (the maximum number of read+decode tasks in flight) and size
-    `data.decode_cpus` (CPUs reserved per task) so that
-    decode_concurrency x decode_cpus roughly matches the CPUs you want decoding;
+  - raise `data.decode_concurrency` (the maximum number of read+decode tasks in flight per
+    training worker) and size `data.decode_cpus` (CPUs reserved per task) so that
+    num_workers x decode_concurrency x decode_cpus roughly matches the CPUs you want decoding;
   - give the cluster CPU-only worker types in cluster.yaml (e.g. a `cpu_decode` node type with
     min_workers/max_workers and no GPUs); the autoscaler adds them when decode tasks are
     pending, and GPU nodes keep their CPUs for the trainers;
@@ -57,8 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from orchestrator.config import ExperimentConfig
 
-TRAIN, EVAL = "train", "eval"
-DATASETS_TO_SPLIT = [TRAIN]  # "eval" goes whole to every worker
+TRAIN = "train"
 CAPTION_BYTES = 128  # eval rows carry the caption as UTF-8 bytes, zero-padded (tensors can't hold str)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # Read/decode output block target: image blocks of ~32 MB keep the object store and the
@@ -345,6 +337,9 @@ class Decoder:
         from llip_core.preprocess import CorruptImageError, load_rgb, normalize, transform
         from llip_core.tokenizer import cached_tokenizer, tokenizer_spec
 
+        import time
+
+        cpu0 = time.thread_time()  # decode CPU per task (data/decode_cpu_ms): what a sweep's shared pass saves
         epoch = current_epoch() if self.epoch is None else self.epoch
         has_pos = "pos" in batch
         n = len(batch["key"])
@@ -390,8 +385,6 @@ class Decoder:
             if has_pos:
                 pos.append(int(batch["pos"][i]))
             m += 1
-        if self.stats is not None:
-            self.stats.add({k: v for k, v in counts.items() if v})
         tok = cached_tokenizer(self.tokenizer or tokenizer_spec("word_hash", self.context_length, self.vocab_size))
         multi = self.captions == "all" and not self.with_caption
         if multi:
@@ -408,6 +401,10 @@ class Decoder:
             out["caption"] = encode_captions(chosen)
         if has_pos:
             out["pos"] = np.asarray(pos, dtype=np.int64)
+        if self.stats is not None:
+            counts["data/decoded"] = m
+            counts["data/decode_cpu_ms"] = int(1000 * (time.thread_time() - cpu0))
+            self.stats.add({k: v for k, v in counts.items() if v})
         return out
 
 
@@ -439,63 +436,9 @@ def decode_dataset(raw: "ray.data.Dataset", decoder: Decoder, concurrency: int, 
                            compute=ray.data.TaskPoolStrategy(size=concurrency), zero_copy_batch=True)
 
 
-def pipeline(paths: list[str], filesystem, decoder: Decoder, *, shuffle_seed: Optional[int], concurrency: int,
-             num_cpus: float) -> "ray.data.Dataset":
-    """read -> decode, fused into `concurrency` parallel tasks of `num_cpus` CPUs each."""
-    raw = read_shards(paths, filesystem, shuffle_seed=shuffle_seed, num_cpus=num_cpus, concurrency=concurrency,
-                      chunk_rows=decode_batch_rows(decoder.image_size))
-    return decode_dataset(raw, decoder, concurrency, num_cpus)
-
-
 # --------------------------------------------------------------------------------------------
 # driver side
 # --------------------------------------------------------------------------------------------
-def build_datasets(cfg: "ExperimentConfig", tokenizer: Optional[dict] = None) -> tuple[dict[str, "ray.data.Dataset"], DataStats]:
-    """Preflight every shard location, then the lazy Ray datasets {"train"[, "eval"]} and the
-    shared bad-data counters. Nothing runs until a trainer iterates."""
-    m = cfg.model.resolve()
-    d = cfg.data
-    locations = {TRAIN: cfg.train_location(), **({EVAL: d.eval} if d.eval else {})}
-    online = cfg.curation is not None and cfg.curation.mode == "online"
-    resolved = {name: resolve_shards(loc, d.s3, f"data.{name}") for name, loc in locations.items()}
-    if tokenizer is None:  # the driver passes the run's spec; direct callers get the YAML's
-        from orchestrator.tokenization import run_tokenizer_spec
-
-        tokenizer = run_tokenizer_spec(cfg)
-    stats = DataStats.create()
-    datasets = {}
-    for name, (paths, fs) in resolved.items():
-        is_train = name == TRAIN
-        dec = Decoder(image_size=m.image_size, vocab_size=m.vocab_size, context_length=m.context_length,
-                      augment=d.augment and is_train, seed=cfg.seed, stats=stats if is_train else None,
-                      with_caption=not is_train, captions=d.captions, max_captions=d.max_captions,
-                      curation_seed=cfg.curation.seed if online and is_train else None,
-                      tokenizer=tokenizer,
-                      hflip=d.hflip and d.augment and is_train)
-        datasets[name] = pipeline(paths, fs, dec, shuffle_seed=cfg.seed if is_train else None,
-                                  concurrency=d.decode_concurrency, num_cpus=d.decode_cpus)
-    return datasets, stats
-
-
-def ingest_options():
-    """Ray Train's default ingest options with preserve_order: without it the blocks of one epoch
-    reach the shuffle buffer in completion order, so two runs with the same seed (a sweep's CLIP and
-    Llip trials) saw different sample streams (measured: same first batch, different epoch). With
-    decode_concurrency 1 it costs nothing; with more tasks a slow one holds back the ones after it."""
-    from ray.train import DataConfig
-
-    opts = DataConfig.default_ingest_options()
-    opts.preserve_order = True
-    return opts
-
-
-def data_config():
-    """The trainer's DataConfig: split "train" across workers, give every worker all of "eval"."""
-    from ray.train import DataConfig
-
-    return DataConfig(datasets_to_split=list(DATASETS_TO_SPLIT), execution_options=ingest_options())
-
-
 def manifest_tags(cfg: "ExperimentConfig") -> dict[str, str]:
     """MLflow tags naming the training data: the manifest fingerprint and (for S3) a redacted
     description of the endpoint. Never credentials."""
@@ -516,27 +459,3 @@ def manifest_tags(cfg: "ExperimentConfig") -> dict[str, str]:
     if s3.is_s3_url(train):
         tags["llip.data_s3"] = s3.redacted(cfg.data.s3)
     return tags
-
-
-# --------------------------------------------------------------------------------------------
-# training-worker side
-# --------------------------------------------------------------------------------------------
-def iter_train_batches(shard, local_batch_size: int, shuffle_buffer: int, epoch_seed: int,
-                       multi_caption: bool = False):
-    """One epoch of this worker's part of "train" as torch batches {"image", "tokens", "sample_id"}
-    (and "caption_mask" with multi_caption: tokens are then (B, M, L), data.captions: all).
-
-    `shard` is `ray.train.get_dataset_shard("train")`. drop_last keeps ranks in lockstep; the
-    local shuffle buffer mixes samples across the (already reshuffled) shards, seeded per epoch."""
-    import torch
-
-    buf = shuffle_buffer if shuffle_buffer and shuffle_buffer > 1 else None
-    return shard.iter_torch_batches(
-        batch_size=local_batch_size,
-        drop_last=True,
-        local_shuffle_buffer_size=buf,
-        local_shuffle_seed=epoch_seed if buf else None,
-        dtypes={"image": torch.float32, "tokens": torch.int64, "sample_id": torch.int64,
-                **({"caption_mask": torch.bool} if multi_caption else {})},
-        prefetch_batches=2,
-    )

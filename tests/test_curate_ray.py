@@ -153,13 +153,13 @@ def test_online_writes_every_match_with_its_keep_probability(pool, ray_local, tm
 
 def test_online_training_stream_resamples_each_epoch(pool, ray_local, tmp_path):
     from orchestrator.curate import run_curation
-    from orchestrator.data import build_datasets
+    from orchestrator.dataplan import build_train_source
 
     cfg = _cfg(pool, tmp_path / "on2", t=2, mode="online")
     s = run_curation(cfg, log=lambda s: None)
-    ds = build_datasets(cfg)[0]["train"]
-    epochs = [set(np.concatenate([b["sample_id"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")]).tolist())
-              for _ in range(3)]
+    src = build_train_source(cfg, None)
+    epochs = [set(np.concatenate([b["sample_id"] for b in src.dataset(e, [(0, sum(src.counts))]).iter_batches(
+        batch_size=None, batch_format="numpy")]).tolist()) for e in range(3)]
     probs = np.array([g["keep_prob"] for g in _curated(tmp_path / "on2")])
     sd = np.sqrt((probs * (1 - probs)).sum())
     for e in epochs:

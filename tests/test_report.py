@@ -218,17 +218,14 @@ ORDER_SCRIPT = r"""
 import hashlib, json, sys
 import ray
 from orchestrator.config import load_config
-from orchestrator.data import build_datasets, iter_train_batches
-from orchestrator.driver import _capped_data_config
-from orchestrator.sweep import trial_data_cpus
+from orchestrator.dataplan import EpochStream, build_train_source
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 cfg = load_config(sys.argv[1]).with_overrides(json.loads(sys.argv[2]))
-ds, _ = build_datasets(cfg)
-split = _capped_data_config(trial_data_cpus(cfg)).configure(ds, world_size=1, worker_handles=None,
-                                                            worker_node_ids=None)[0]["train"]
+src = build_train_source(cfg, None)
 h = hashlib.sha1()
 for epoch in range(2):
-    for b in iter_train_batches(split, 64, cfg.data.shuffle_buffer, epoch_seed=cfg.seed * 100003 + epoch):
+    stream = EpochStream(src, epoch, src.plan(epoch).worker_intervals(1)[0], 64)
+    while (b := stream.next_batch()) is not None:
         h.update(b["sample_id"].numpy().tobytes()); h.update(b["image"].numpy().tobytes())
 print("STREAM", h.hexdigest())
 """
