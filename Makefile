@@ -43,6 +43,7 @@ test: sysdeps $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/llip_scoring.py
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/resume.py
 
 clean-data:
 	rm -rf data/emoji data/eval

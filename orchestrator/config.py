@@ -103,7 +103,7 @@ class DataSection(_Strict):
     train: str = "data/emoji/train"  # directory or s3://bucket/prefix of .tar shards (or one shard)
     eval: Optional[str] = "data/emoji/eval"  # held-out shards; None: no evaluation
     batch_size: int = Field(256, ge=1)  # global batch, split evenly across workers
-    shuffle_buffer: int = Field(2048, ge=0)  # local shuffle buffer (samples); 0 disables
+    shuffle_buffer: int = Field(2048, ge=0)  # samples mixed together: shards grouped into windows of at least this many, each permuted per epoch (0: shard order only)
     decode_concurrency: int = Field(1, ge=1)  # parallel map_batches tasks for decode/augment/tokenize
     decode_cpus: float = Field(0.25, gt=0)  # CPUs reserved per decode task
     max_bad_fraction: float = Field(0.01, ge=0, le=1)  # above this fraction of skipped samples, fail
