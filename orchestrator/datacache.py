@@ -558,5 +558,16 @@ def cache_dataset(source, epoch: int, intervals: Sequence):
     # Reading a file back costs little and the producer holds the decode CPUs: no CPUs reserved here.
     ds = ray.data.read_datasource(CachedWindows(), num_cpus=0, concurrency=max(1, source.concurrency),
                                   override_num_blocks=max(1, len(ws)))
-    ds.context.execution_options.preserve_order = True
+    opts = ds.context.execution_options
+    opts.preserve_order = True
+    # Zero-CPU readers are held back by memory alone: without a cap each would ask for (and have the
+    # producer decode) every window of its epoch at once, including the windows of a trial about to
+    # be stopped. A few windows in flight keep the trainer fed and the demand honest.
+    dec = source.decoder
+    caps = dec.max_captions if dec.captions == "all" else 1
+    row = 3 * dec.image_size ** 2 + 8 * dec.context_length * caps + 16 + caps
+    biggest = max((plan.windows[w].size for w in ws), default=1)
+    from ray.data import ExecutionResources
+
+    opts.resource_limits = ExecutionResources(object_store_memory=(max(1, source.concurrency) + 1) * biggest * row)
     return ds

@@ -47,7 +47,8 @@ def test_sweep_parent_children_crash_and_compare(emoji_shards, cli_env, tmp_path
                        capture_output=True, text=True, timeout=840)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
-    assert "at most 2 at once" in out  # 2 CPUs / (0.5 worker + 0.5 data) per trial
+    # (2 CPUs - 0.25 for the shared data pass) / 0.5 per trial's worker (it decodes nothing itself)
+    assert "at most 3 at once" in out
 
     c = MlflowClient(cli_env["MLFLOW_TRACKING_URI"])
     exp = c.get_experiment_by_name("sweep_test")
@@ -119,6 +120,9 @@ def test_max_concurrent_trials_from_resources(tmp_path):
     assert trial_resources(cfg) == {"CPU": 1.0, "GPU": 0.0}
     assert derive_max_concurrent(cfg, {"CPU": 2.0}) == 2
     assert derive_max_concurrent(cfg, {"CPU": 7.9}) == 7
+    # with the shared data pass (0.25 CPUs once) trials hold only their workers' 0.5
+    assert trial_resources(cfg, shared=True) == {"CPU": 0.5, "GPU": 0.0}
+    assert derive_max_concurrent(cfg, {"CPU": 2.0}, shared_cpus=0.25) == 3
     gpu = cfg.with_overrides({"scaling.use_gpu": True, "scaling.num_workers": 2, "scaling.cpus_per_worker": 4,
                               "data.batch_size": 64})
     assert derive_max_concurrent(gpu, {"CPU": 64.0, "GPU": 4.0}) == 2  # GPUs bind first
