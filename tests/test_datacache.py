@@ -165,6 +165,31 @@ def test_cached_batches_equal_decoded_batches(ray_local, shards, tmp_path, where
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_a_stopped_reader_stops_the_producer(ray_local, shards, tmp_path):
+    """Demand-driven: a slow trial's readers run only a few windows ahead of its training, so one
+    that stops (ASHA) leaves the rest of the epoch undecoded."""
+    import time
+
+    import ray
+
+    from orchestrator.dataplan import build_train_source
+
+    cfg = _cfg(f"{shards}/train", shuffle_buffer=0, decode_concurrency=1)  # 8 windows of one shard (16)
+    cached, registry = _attach(build_train_source(cfg, None), cfg, "reg-stop", str(tmp_path / "cache"), None)
+    plan = cached.plan(0)
+    assert len(plan.windows) == 8
+    stream = EpochStream(cached, 0, plan.worker_intervals(1)[0], LB)
+    assert stream.next_batch() is not None
+    time.sleep(8)  # a slow trainer: its stream stays open
+    (s,) = ray.get(registry.summary.remote()).values()
+    # the window being read, the producer's read-ahead of one, the reader's cap of two in flight
+    assert 1 <= s["windows"] <= 5, s
+    del stream
+    ray.kill(registry)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_dead_producer_readers_decode_themselves(ray_local, shards, tmp_path):
     import ray
 
