@@ -381,9 +381,38 @@ class EpochStream:
                   **({"caption_mask": torch.bool} if multi_caption else {})}
         self._it = iter(ds.iter_torch_batches(batch_size=local_batch_size, drop_last=True, dtypes=dtypes,
                                               prefetch_batches=2)) if ds is not None else iter(())
+        self._early: Optional[tuple[Any, dict]] = None  # (thread, box) while the first batch is fetched ahead
+
+    def prefetch(self) -> "EpochStream":
+        """Start now: the Ray Data execution, the first window's read and the first batch, in a
+        thread, so that the batch is ready when the previous epoch ends (the train loop starts
+        the next epoch's stream near the end of the current one)."""
+        import threading
+
+        if self._early is None and self.next_pos < 0:
+            box: dict = {}
+
+            def first():
+                try:
+                    box["batch"] = next(self._it, None)
+                except BaseException as e:  # noqa: BLE001 - raised in next_batch, on the caller's thread
+                    box["error"] = e
+
+            t = threading.Thread(target=first, name=f"llip-prefetch-epoch{self.epoch}", daemon=True)
+            t.start()
+            self._early = (t, box)
+        return self
 
     def next_batch(self) -> Optional[dict]:
-        b = next(self._it, None)
+        if self._early is not None:
+            t, box = self._early
+            t.join()
+            self._early = None
+            if "error" in box:
+                raise box["error"]
+            b = box.get("batch")
+        else:
+            b = next(self._it, None)
         if b is not None:
             self.next_pos = int(b["pos"][-1]) + 1
         return b

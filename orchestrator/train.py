@@ -132,7 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from orchestrator.config import parse_config
     from llip_core.preprocess import normalize_torch
     from orchestrator.data import check_bad_fraction
-    from orchestrator.dataplan import EpochStream
+    from orchestrator.dataplan import EpochStream, total
     from orchestrator.tracking import MetricLogger
 
     cfg = parse_config(config["experiment"])
@@ -222,14 +222,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trace = _open_trace(ctx.get_experiment_name(), rank)
     clock = StepClock()  # data-wait vs compute per step (orchestrator/stepmetrics.py)
     done = step >= cfg.train.steps
+    upcoming = None  # the next epoch's stream, started ahead
     while not done:
         saw_batch = False
-        if data_pos is not None and data_pos.epoch == epoch:  # the rest of the epoch the checkpoint was in
-            mine = data_pos.for_workers(world)[rank]
+        if upcoming is not None and upcoming.epoch == epoch:
+            stream = upcoming  # started near the end of the previous epoch
+        elif data_pos is not None and data_pos.epoch == epoch:  # the rest of the epoch the checkpoint was in
+            stream = EpochStream(source, epoch, data_pos.for_workers(world)[rank], local_bs, multi_caption=multi)
         else:
-            mine = source.plan(epoch).worker_intervals(world)[rank]
-        stream = EpochStream(source, epoch, mine, local_bs, multi_caption=multi)
+            stream = EpochStream(source, epoch, source.plan(epoch).worker_intervals(world)[rank], local_bs,
+                                 multi_caption=multi)
+        upcoming = None
+        ahead = max(4 * local_bs, total(stream.intervals) // 4)  # positions left when the next epoch starts
         while True:
+            if upcoming is None and step < cfg.train.steps - 1 and total(stream.remaining()) <= ahead:
+                upcoming = EpochStream(source, epoch + 1, source.plan(epoch + 1).worker_intervals(world)[rank],
+                                       local_bs, multi_caption=multi).prefetch()
             batch = stream.next_batch()
             if not _all_have_batch(batch is not None, world, device):  # ranks step in lockstep
                 break

@@ -137,7 +137,8 @@ def kill_a_worker_after(c, cfg, step: int, thread, trace_dir, run_name: str, tim
         if runs:
             run_id = runs[0].info.run_id
             done = max((json.loads(x)["step"] for x in trace.read_text().splitlines()), default=0) if trace.exists() else 0
-            if any(s >= step for s in logged_steps(c, run_id)) and done >= step + 3:
+            # three or four steps past a checkpoint, so some steps are trained again after the restart
+            if any(s >= step for s in logged_steps(c, run_id)) and done >= step + 3 and done % EVERY in (3, 4):
                 pids = train_worker_pids()
                 assert pids, "no live RayTrainWorker actors found"
                 os.kill(pids[0], signal.SIGKILL)
@@ -188,9 +189,9 @@ def test_killed_worker_is_replaced_and_training_continues_exactly(ray_local, sma
     for rank in range(2):
         first, resumed = segments(read_trace(trace_dir, "ft-kill", rank))[:2]
         ckpt = resumed[0]["step"] - 1
-        assert ckpt in (5, 10) and ckpt % EVERY == 0 and resumed[-1]["step"] == STEPS
+        assert ckpt >= EVERY and ckpt % EVERY == 0 and resumed[-1]["step"] == STEPS, ckpt
         replayed = [s for s in first if s["step"] > ckpt]
-        assert len(replayed) >= 1  # trained before the kill, then again after the restart
+        assert len(replayed) >= 1, (ckpt, [s["step"] for s in first])  # trained before the kill and again after
         for before, after in zip(replayed, resumed):
             assert before["step"] == after["step"] and before["ids"] == after["ids"]
             assert abs(before["loss"] - after["loss"]) <= 1e-6, (before["step"], before["loss"], after["loss"])
