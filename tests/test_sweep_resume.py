@@ -20,12 +20,12 @@ from orchestrator.config import load_config, resolved_yaml
 from orchestrator.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, CKPT_EVERY = 100, 10
+STEPS, CKPT_EVERY = 60, 10
 
 
 def write_sweep(tmp_path, shards, seeds=(0, 1)) -> Path:
     # Two trials one after the other (max_concurrent_trials 1 makes the order fixed), tiny model,
-    # a checkpoint every 10 steps, no eval set: a trial trains ~100 steps in a few seconds.
+    # a checkpoint every 10 steps, no eval set: a trial trains its 60 steps in a few seconds.
     p = tmp_path / "resume.yaml"
     p.write_text(f"""
 base: {ROOT / 'experiments' / 'smoke.yaml'}
@@ -103,7 +103,8 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(emoji_shards, cli
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
             exp = c.get_experiment_by_name("sweep_resume")
             runs = c.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]) if exp else []
-            kids = [r for r in runs if "llip.trial_id" in r.data.tags]
+            # (llip.run_name is tagged just after the run is created)
+            kids = [r for r in runs if "llip.trial_id" in r.data.tags and "llip.run_name" in r.data.tags]
             if len(kids) == 2 and kids[0].info.status == "FINISHED":
                 first, second = kids
                 if _newest_step(tmp_path / "runs" / second.data.tags["llip.run_name"]) >= CKPT_EVERY:
