@@ -425,8 +425,6 @@ def off_line(why: str) -> str:
 def start_shared_data(cfg, run_name: str) -> Optional[SharedData]:
     """The sweep's shared pass, or None (after one line saying why) when the base config's cache
     would not fit sweep.shared_data.max_gb or the disk. Called after Ray is up."""
-    import ray
-
     from orchestrator.dataplan import build_train_source
     from orchestrator.driver import storage_path
 
