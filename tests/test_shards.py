@@ -241,8 +241,9 @@ def test_decoder_skips_and_counts_bad_samples():
     batch = _raw_batch([("a", good, ["ok"]), ("b", b"junk", ["corrupt"]), ("c", good, []), ("d", None, ["x"])])
     out = data.Decoder(16, 512, 8, augment=False, seed=0, stats=FakeStats())(batch)
     assert out["image"].shape == (1, 3, 16, 16) and out["tokens"].shape == (1, 8)
+    assert len(counted) == 1 and counted[0].pop("data/decode_cpu_ms", 0) >= 0  # CPU time: any value
     assert counted == [{"data/seen": 4, "data/skipped": 3, "data/skipped_corrupt_image": 1,
-                        "data/skipped_no_image": 1, "data/skipped_no_caption": 1}]
+                        "data/skipped_no_image": 1, "data/skipped_no_caption": 1, "data/decoded": 1}]
     data.check_bad_fraction({"data/seen": 100, "data/skipped": 1}, 0.01)
     with pytest.raises(UserError):
         data.check_bad_fraction({"data/seen": 100, "data/skipped": 2}, 0.01)
