@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/llip_scoring.py
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/resume.py
+	$(BIN)/python benchmarks/sweep_data.py
 
 clean-data:
 	rm -rf data/emoji data/eval
