@@ -70,10 +70,14 @@ def data_key(source) -> str:
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def row_bytes(image_size: int, context_length: int, captions: int) -> int:
+    """One decoded row: uint8 image, int64 tokens per caption, sample id and position, caption mask."""
+    return 3 * image_size * image_size + 8 * context_length * captions + 16 + captions
+
+
 def bytes_per_sample(cfg) -> int:
     m = cfg.resolved_model()
-    caps = cfg.data.max_captions if cfg.data.captions == "all" else 1
-    return 3 * m.image_size * m.image_size + 8 * m.context_length * caps + 16 + caps
+    return row_bytes(m.image_size, m.context_length, cfg.data.max_captions if cfg.data.captions == "all" else 1)
 
 
 def epochs_needed(cfg, plan_size: int) -> int:
@@ -544,10 +548,7 @@ def cache_dataset(source, epoch: int, intervals: Sequence):
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
             tasks = []
             for w in ws:
-                win = plan.windows[w]
-                mine = [(max(a, win.start), min(b, win.start + win.size)) for a, b in intervals
-                        if a < win.start + win.size and b > win.start]
-                owns = any(a <= win.start < b for a, b in intervals)
+                mine, owns = plan.clip(w, intervals), plan.owns_start(w, intervals)
                 meta = BlockMetadata(num_rows=total(mine), size_bytes=None, exec_stats=None, input_files=None)
                 tasks.append(ReadTask(lambda w=w, mine=mine, owns=owns: _cached_blocks(source, epoch, w, mine, owns),
                                       meta))
@@ -562,8 +563,7 @@ def cache_dataset(source, epoch: int, intervals: Sequence):
     # producer decode) every window of its epoch at once, including the windows of a trial about to
     # be stopped. A few windows in flight keep the trainer fed and the demand honest.
     dec = source.decoder
-    caps = dec.max_captions if dec.captions == "all" else 1
-    row = 3 * dec.image_size ** 2 + 8 * dec.context_length * caps + 16 + caps
+    row = row_bytes(dec.image_size, dec.context_length, dec.max_captions if dec.captions == "all" else 1)
     biggest = max((plan.windows[w].size for w in ws), default=1)
     from ray.data import ExecutionResources
 

@@ -27,9 +27,8 @@ sample of the epoch is still seen once. Sample counts per shard come from the sh
 """
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Iterator, Optional, Sequence
 
@@ -126,14 +125,10 @@ class EpochPlan:
     seed: int
     epoch: int
     window: int  # data.shuffle_buffer; 0 or 1: no permutation inside windows
-    shuffle: bool = True  # reshuffle the shard order per epoch
 
     @cached_property
     def shard_order(self) -> np.ndarray:
-        n = len(self.paths)
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, self.epoch, _SHARD_SALT]).permutation(n)
+        return np.random.default_rng([self.seed, self.epoch, _SHARD_SALT]).permutation(len(self.paths))
 
     @cached_property
     def windows(self) -> tuple[Window, ...]:
@@ -159,9 +154,19 @@ class EpochPlan:
             return np.arange(win.size)
         return np.random.default_rng([self.seed, self.epoch, w, _WINDOW_SALT]).permutation(win.size)
 
+    def clip(self, w: int, intervals: Sequence[Interval]) -> list[Interval]:
+        """The parts of `intervals` inside window w."""
+        win = self.windows[w]
+        end = win.start + win.size
+        return [(max(a, win.start), min(b, end)) for a, b in intervals if a < end and b > win.start]
+
+    def owns_start(self, w: int, intervals: Sequence[Interval]) -> bool:
+        """Whether `intervals` hold window w's first position: that worker alone counts the window's
+        damaged shards, however many workers share the window."""
+        return any(a <= self.windows[w].start < b for a, b in intervals)
+
     def windows_overlapping(self, intervals: Sequence[Interval]) -> list[int]:
-        return [i for i, w in enumerate(self.windows)
-                if any(a < w.start + w.size and b > w.start for a, b in intervals)]
+        return [w for w in range(len(self.windows)) if self.clip(w, intervals)]
 
     def worker_intervals(self, num_workers: int) -> list[list[Interval]]:
         return split([(0, self.size)], num_workers)
@@ -229,12 +234,8 @@ def _window_tables(plan: EpochPlan, w: int, intervals: Sequence[Interval], fs, c
         rows += got[: plan.counts[s]] + [None] * max(0, plan.counts[s] - len(got))
     perm = plan.permutation(w)
     schema = _arrow_schema().append(pa.field("pos", pa.int64()))
-    # a damaged shard's marker goes to the worker holding the window's first position, so it is
-    # counted once however many workers share the window
-    owns_start = any(a <= win.start < b for a, b in intervals)
-    batch: list[dict] = [{**m, "pos": -1} for m in markers] if owns_start else []
-    for a, b in intervals:
-        lo, hi = max(a, win.start), min(b, win.start + win.size)
+    batch: list[dict] = [{**m, "pos": -1} for m in markers] if plan.owns_start(w, intervals) else []
+    for lo, hi in plan.clip(w, intervals):
         for p in range(lo, hi):
             row = rows[perm[p - win.start]]
             if row is None:
@@ -278,11 +279,9 @@ def _plan_datasource(plan: EpochPlan, intervals: Sequence[Interval], fs, chunk_r
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
             tasks = []
             for w in plan.windows_overlapping(intervals):
-                win = plan.windows[w]
-                mine = [(max(a, win.start), min(b, win.start + win.size)) for a, b in intervals
-                        if a < win.start + win.size and b > win.start]
+                mine = plan.clip(w, intervals)
                 meta = BlockMetadata(num_rows=total(mine), size_bytes=None, exec_stats=None,
-                                     input_files=tuple(plan.paths[s] for s in win.shards))
+                                     input_files=tuple(plan.paths[s] for s in plan.windows[w].shards))
                 tasks.append(ReadTask(
                     lambda w=w, mine=mine: timed_read(_window_tables(plan, w, mine, fs, chunk_rows), stats), meta))
             return tasks
@@ -303,7 +302,6 @@ class TrainSource:
     concurrency: int
     num_cpus: float
     cpu_limit: Optional[float] = None  # this worker's share of the run's data CPUs
-    extra: dict = field(default_factory=dict)
     # orchestrator.datacache.CacheSpec: read a sweep's shared decode instead of decoding (same rows)
     cache: Any = None
 
@@ -421,11 +419,10 @@ class EpochStream:
         return after(self.intervals, self.next_pos) if self.next_pos >= 0 else list(self.intervals)
 
 
-def gather_remaining(mine: list[Interval], world: int, rank: int, device=None) -> list[list[Interval]]:
+def gather_remaining(mine: list[Interval], world: int) -> list[list[Interval]]:
     """Every rank's remainder on every rank (a collective: all ranks call it at the same step)."""
     if world == 1:
         return [list(mine)]
-    import torch
     import torch.distributed as dist
 
     out: list[Any] = [None] * world
@@ -437,7 +434,3 @@ def describe(pos: Optional[DataPosition]) -> str:
     if pos is None:
         return "start of the epoch"
     return f"epoch {pos.epoch}, {sum(total(r) for r in pos.remaining)} positions left"
-
-
-def dumps(pos: DataPosition) -> str:
-    return json.dumps(pos.to_json())

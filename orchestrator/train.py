@@ -207,7 +207,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if with_checkpoint:
             from orchestrator.dataplan import DataPosition, gather_remaining
 
-            remaining = gather_remaining(stream.remaining(), world, rank)  # a collective: every rank
+            remaining = gather_remaining(stream.remaining(), world)  # a collective: every rank
             if rank == 0:
                 ckpt = _save_checkpoint({
                     "model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
@@ -223,21 +223,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     clock = StepClock()  # data-wait vs compute per step (orchestrator/stepmetrics.py)
     done = step >= cfg.train.steps
     upcoming = None  # the next epoch's stream, started ahead
+
+    def open_stream(e: int, intervals=None) -> EpochStream:
+        """This rank's stream of epoch e: its run of the epoch's plan, or `intervals` (a resume's)."""
+        mine = source.plan(e).worker_intervals(world)[rank] if intervals is None else intervals
+        return EpochStream(source, e, mine, local_bs, multi_caption=multi)
+
     while not done:
         saw_batch = False
+        resuming = data_pos is not None and data_pos.epoch == epoch  # the rest of the checkpoint's epoch
         if upcoming is not None and upcoming.epoch == epoch:
             stream = upcoming  # started near the end of the previous epoch
-        elif data_pos is not None and data_pos.epoch == epoch:  # the rest of the epoch the checkpoint was in
-            stream = EpochStream(source, epoch, data_pos.for_workers(world)[rank], local_bs, multi_caption=multi)
         else:
-            stream = EpochStream(source, epoch, source.plan(epoch).worker_intervals(world)[rank], local_bs,
-                                 multi_caption=multi)
+            stream = open_stream(epoch, data_pos.for_workers(world)[rank] if resuming else None)
         upcoming = None
         ahead = max(4 * local_bs, total(stream.intervals) // 4)  # positions left when the next epoch starts
         while True:
             if upcoming is None and step < cfg.train.steps - 1 and total(stream.remaining()) <= ahead:
-                upcoming = EpochStream(source, epoch + 1, source.plan(epoch + 1).worker_intervals(world)[rank],
-                                       local_bs, multi_caption=multi).prefetch()
+                upcoming = open_stream(epoch + 1).prefetch()
             batch = stream.next_batch()
             if not _all_have_batch(batch is not None, world, device):  # ranks step in lockstep
                 break
@@ -295,7 +298,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if last:
                 done = True
                 break
-        if not saw_batch and not (data_pos is not None and data_pos.epoch == epoch):
+        if not saw_batch and not resuming:
             raise RuntimeError(
                 f"rank {rank}: the training shard yielded no full batch of {local_bs}; "
                 "lower data.batch_size or add data"
