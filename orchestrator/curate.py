@@ -231,12 +231,7 @@ def run_curation(cfg, log: Callable[[str], None] = print, chunk_rows: Optional[i
     source_root = cfg.data.train.rstrip("/").rsplit("/", 1)[0]
     source_manifest = (read_manifest(source_root, cfg.data.s3) or {}).get("fingerprint")
 
-    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    mc = tracking.client(uri)
-    try:
-        exp_id = tracking.experiment_id(mc, cfg.mlflow.experiment or cfg.name)
-    except Exception as e:
-        raise UserError(f"MLflow tracking store {uri} is not usable ({type(e).__name__}); check MLFLOW_TRACKING_URI") from None
+    mc, uri, exp_id = tracking.open_experiment(cfg.mlflow.tracking_uri, cfg.mlflow.experiment or cfg.name)
     run = mc.create_run(exp_id, tags={"llip.kind": "curation", "llip.git_commit": tracking.git_commit(),
                                       "llip.config_fingerprint": cfg.fingerprint(),
                                       "llip.data_train": cfg.data.train,

@@ -211,17 +211,14 @@ def resolve_shards(location: str, s3cfg, what: str) -> tuple[list[str], Any]:
     return paths, None
 
 
-def read_shards(paths: list[str], filesystem=None, *, shuffle_seed: Optional[int] = None,
-                num_cpus: float = 0.25, concurrency: Optional[int] = None,
+def read_shards(paths: list[str], filesystem=None, *, num_cpus: float = 0.25, concurrency: Optional[int] = None,
                 chunk_rows: int = READ_CHUNK_ROWS) -> "ray.data.Dataset":
-    """Raw samples {key, url, image, txt, json, error} (bytes) in blocks of <= chunk_rows, file
-    order reshuffled each epoch when shuffle_seed is given."""
+    """Raw samples {key, url, image, txt, json, error} (bytes) in blocks of <= chunk_rows, in shard
+    order (curation's reader; training reads through orchestrator/dataplan.py)."""
     import ray.data
-    from ray.data.datasource import FileShuffleConfig
 
     ds_cls = _datasource_cls()
-    shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
-    source = ds_cls(paths, decoder=None, filesystem=filesystem, shuffle=shuffle, file_extensions=["tar"])
+    source = ds_cls(paths, decoder=None, filesystem=filesystem, file_extensions=["tar"])
     source.chunk_rows = int(chunk_rows)
     # Ray's default is one read task per shard; a task's fixed cost (scheduling, shipping the decoder)
     # then rivals a small shard's decode work. READ_TASKS_PER_SLOT tasks per concurrent slot keep the
@@ -425,7 +422,7 @@ def decode_batch_rows(image_size: int) -> int:
 
 def decode_dataset(raw: "ray.data.Dataset", decoder: Decoder, concurrency: int, num_cpus: float) -> "ray.data.Dataset":
     """Decode each read block as one batch. With the read given the same num_cpus and
-    concurrency (see `pipeline`), Ray fuses read and decode into one task: raw bytes never go
+    concurrency (as `TrainSource.dataset` does), Ray fuses read and decode into one task: raw bytes never go
     through the object store and each task streams its tars straight into decoded blocks, which
     measured about twice as fast as separate read and decode stages at 32 px
     (benchmarks/ingest.py)."""

@@ -396,7 +396,9 @@ class SharedData:
                   "data/cache_write_cpu_ms"):
             metrics["data_shared/" + k.split("/", 1)[1]] = float(tot.get(k, 0))
         try:
-            client.log_batch(parent_id, metrics=_metric_list(metrics))
+            from orchestrator.tracking import log_metrics
+
+            log_metrics(client, parent_id, metrics)
             client.set_tag(parent_id, "llip.shared_data", json.dumps(summary, sort_keys=True)[:5000])
         except Exception as e:
             print(f"[llip] warning: could not log the shared data pass: {type(e).__name__}", flush=True)
@@ -413,13 +415,6 @@ class SharedData:
             except Exception:
                 pass
         return metrics
-
-
-def _metric_list(metrics: dict, step: int = 0):
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    return [Metric(k, float(v), now, step) for k, v in metrics.items()]
 
 
 def off_line(why: str) -> str:

@@ -68,11 +68,7 @@ def preflight(cfg: ExperimentConfig) -> list[dict]:
     for name, loc in (("train", cfg.train_location()), ("eval", d.eval)):
         if loc:
             resolve_shards(loc, d.s3, f"data.{name}")
-    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    try:
-        tracking.experiment_id(tracking.client(uri), cfg.mlflow.experiment or cfg.name)
-    except Exception as e:
-        raise UserError(f"MLflow tracking store {uri} is not usable ({type(e).__name__}); check MLFLOW_TRACKING_URI") from None
+    tracking.open_experiment(cfg.mlflow.tracking_uri, cfg.mlflow.experiment or cfg.name)
     # Eval sets: layout, class names, label range and readable samples, checked before training.
     from orchestrator.evaluation import preflight as eval_preflight
 
@@ -105,12 +101,7 @@ def start_mlflow_run(cfg: ExperimentConfig, run_name: Optional[str], parent_run_
     """Create (or, for an existing run name, reopen) the MLflow run; returns (client, uri, run_id, run_name)."""
     from orchestrator import tracking
 
-    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    c = tracking.client(uri)
-    try:
-        exp_id = tracking.experiment_id(c, cfg.mlflow.experiment or cfg.name)
-    except Exception as e:  # an unreachable tracking server must fail before training, in one line
-        raise UserError(f"MLflow tracking store {uri} is not usable ({type(e).__name__}); check MLFLOW_TRACKING_URI") from None
+    c, uri, exp_id = tracking.open_experiment(cfg.mlflow.tracking_uri, cfg.mlflow.experiment or cfg.name)
     existing = _find_run(c, exp_id, run_name) if run_name else None
     if existing is not None:
         run_id = existing.info.run_id
@@ -228,9 +219,7 @@ def latest_checkpoint_on_disk(cfg: ExperimentConfig, run_name: str):
 
     from orchestrator.train import CKPT_FILE
 
-    fs = _storage_filesystem(cfg) or pafs.LocalFileSystem()
-    root = storage_path(cfg)
-    root = (root[len("s3://"):] if root.startswith("s3://") else root).rstrip("/") + "/" + run_name
+    fs, root = run_folder(cfg, run_name)
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     except OSError:
@@ -240,6 +229,16 @@ def latest_checkpoint_on_disk(cfg: ExperimentConfig, run_name: str):
         if fs.get_file_info(f"{d}/{CKPT_FILE}").type == pafs.FileType.File:
             return Checkpoint(d, filesystem=fs)
     return None
+
+
+def run_folder(cfg: ExperimentConfig, run_name: str):
+    """(pyarrow filesystem, path) of a run's or a sweep's folder in storage_path: storage_path/NAME,
+    where Ray Train keeps a run's checkpoints and Ray Tune a sweep's state."""
+    import pyarrow.fs as pafs
+
+    root = storage_path(cfg)
+    root = root[len("s3://"):] if root.startswith("s3://") else root
+    return _storage_filesystem(cfg) or pafs.LocalFileSystem(), f"{root.rstrip('/')}/{run_name}"
 
 
 def _storage_filesystem(cfg: ExperimentConfig):
@@ -267,11 +266,11 @@ def _log_final_data_counts(c, run_id: str, stats, metrics: dict[str, Any]) -> No
     """The data counters as the run ends (data/decoded, read and decode CPU ms, ...), at the last
     step: the last report predates the decode tasks still running when training stopped."""
     try:
-        from orchestrator.datacache import _metric_list
+        from orchestrator.tracking import log_metrics
 
         snap = stats.snapshot(timeout=10)
-        c.log_batch(run_id, metrics=_metric_list({k: v for k, v in snap.items() if k.startswith("data/")},
-                                                 int(metrics.get("step", 0) or 0)))
+        log_metrics(c, run_id, {k: v for k, v in snap.items() if k.startswith("data/")},
+                    int(metrics.get("step", 0) or 0))
     except Exception as e:  # bookkeeping must never fail a finished run
         print(f"[llip] warning: could not log the final data counters: {type(e).__name__}", flush=True)
 

@@ -244,13 +244,9 @@ def driver_fn(config: dict[str, Any], llip: dict[str, Any]) -> None:
 
 def _tune_dir(cfg: ExperimentConfig, sweep_run_name: str) -> tuple[Any, str]:
     """(pyarrow filesystem, path) of the sweep's Tune experiment folder, storage_path/NAME."""
-    import pyarrow.fs as pafs
+    from orchestrator.driver import run_folder
 
-    from orchestrator.driver import _storage_filesystem, storage_path
-
-    root = storage_path(cfg)
-    root = root[len("s3://"):] if root.startswith("s3://") else root
-    return _storage_filesystem(cfg) or pafs.LocalFileSystem(), f"{root.rstrip('/')}/{sweep_run_name}"
+    return run_folder(cfg, sweep_run_name)
 
 
 def _tune_snapshots(fs, folder: str) -> list[str]:
@@ -324,14 +320,9 @@ def _meta(cfg: ExperimentConfig, parent_id: str, run_name: str, exp_id: str,
 def _mlflow(cfg: ExperimentConfig):
     from orchestrator import tracking
 
-    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    c = tracking.client(uri)
     exp = cfg.mlflow.experiment or cfg.name
-    try:
-        return c, uri, exp, tracking.experiment_id(c, exp)
-    except Exception as e:
-        raise UserError(f"MLflow tracking store {uri} is not usable ({type(e).__name__}); "
-                        "check MLFLOW_TRACKING_URI") from None
+    c, uri, exp_id = tracking.open_experiment(cfg.mlflow.tracking_uri, exp)
+    return c, uri, exp, exp_id
 
 
 def find_sweep(c, uri: str, exp: str, exp_id: str, name: Optional[str], resume: bool):

@@ -51,6 +51,20 @@ def experiment_id(c, name: str) -> str:
     return exp.experiment_id if exp else c.create_experiment(name)
 
 
+def open_experiment(configured: Optional[str], name: str):
+    """(client, resolved uri, experiment id), creating the experiment if needed. An unusable store
+    (unreachable server, bad URI) fails here, before any training, in one line naming it."""
+    from orchestrator.errors import UserError
+
+    uri = resolve_tracking_uri(configured)
+    try:
+        c = client(uri)
+        return c, uri, experiment_id(c, name)
+    except Exception as e:
+        raise UserError(f"MLflow tracking store {uri} is not usable ({type(e).__name__}); "
+                        "check MLFLOW_TRACKING_URI") from None
+
+
 def git_commit() -> str:
     if os.environ.get("LLIP_GIT_COMMIT"):  # set by `llip submit`: jobs run from an upload without .git
         return os.environ["LLIP_GIT_COMMIT"]
@@ -84,6 +98,18 @@ def log_params(c, run_id: str, params: dict[str, Any]) -> None:
         c.log_batch(run_id, params=items[i : i + 100])
 
 
+def log_metrics(c, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Metrics at one step, in log_batch calls of at most 1,000 (MLflow's limit); None values skipped."""
+    import time
+
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+    for i in range(0, len(items), 1000):
+        c.log_batch(run_id, metrics=items[i : i + 1000])
+
+
 class MetricLogger:
     """Rank 0's buffer of step metrics, flushed as one log_batch per report."""
 
@@ -92,14 +118,7 @@ class MetricLogger:
         self.run_id = run_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        log_metrics(self.client, self.run_id, metrics, step)
 
 
 def metric_history(c, run_id: str, key: str) -> list[tuple[int, float]]:
