@@ -60,6 +60,25 @@ def build(size: str, loss: str, extra: dict, literal: bool, device: str, compile
     return cfg, task, opt
 
 
+def _ratios(cfg, batch: int, world: int = 1) -> dict:
+    """FLOP ratios of one step: CLIP over Llip (ours), the literal reference over ours, and CLIP over
+    Llip's towers alone (a scorer that cost nothing)."""
+    clip = flops.train_step_flops(cfg.replace(pooling="cls"), batch, world_size=world)
+    ours = flops.train_step_flops(cfg, batch, world_size=world, ring=True)
+    lit = flops.train_step_flops(cfg, batch, world_size=world, ring=True, literal=True)
+    towers = 3 * batch * (flops.image_forward_flops(cfg) + flops.text_forward_flops(cfg))
+    return {"llip_k32_vs_clip": round(clip / ours, 3), "llip_vs_literal_reference": round(lit / ours, 3),
+            "llip_k32_vs_clip_free_scorer": round(clip / towers, 3)}
+
+
+def flop_bounds(cfg, batch: int, size: str) -> dict:
+    """Where the targets sit against the FLOP arithmetic: the ratios at this size, and at B/16 (K = 32)
+    on one GPU (global batch 256) and at the paper's scale (32,768 over 128 GPUs, a sigmoid ring)."""
+    b16 = model_config("B/16", pooling="llip", mixture_tokens=cfg.mixture_tokens)
+    return {**_ratios(cfg, batch), "at_b16": {"1 GPU, batch 256": _ratios(b16, 256),
+                                              "128 GPUs, batch 32768": _ratios(b16, 32768, 128)}}
+
+
 def make_batch(cfg, batch: int, device: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g)
@@ -140,7 +159,7 @@ def main() -> None:
     res = {}
     for name, (cfg, *_rest, literal) in built.items():
         sps = args.batch / best[name]
-        f = flops.train_step_flops(cfg, args.batch)  # model FLOPs: the same for literal and ours
+        f = flops.train_step_flops(cfg, args.batch, literal=literal)  # what the variant's scorer route counts
         res[name] = sps
         line = f"{name:<12} {best[name]:>8.3f} {sps:>10.1f} {f / 1e9:>11.1f} {sps / res.get('clip', sps):>8.2f}"
         if peak:
@@ -155,6 +174,14 @@ def main() -> None:
     if "llip_k32" in res and "literal_k32" in res:
         summary["llip_vs_literal_reference"] = round(res["llip_k32"] / res["literal_k32"], 3)
     summary["samples_per_s"] = {k: round(v, 1) for k, v in res.items()}
+    if "llip_k32" in built:
+        summary["flop_bounds"] = flop_bounds(built["llip_k32"][0], args.batch, args.size)
+        b = summary["flop_bounds"]
+        print(f"FLOP bounds at this size and batch (samples/s ratios if every variant ran at the same FLOP/s): "
+              f"llip_k32/clip {b['llip_k32_vs_clip']:.2f} ({b['llip_k32_vs_clip_free_scorer']:.2f} with a free "
+              f"scorer), ours/literal {b['llip_vs_literal_reference']:.2f}")
+        for name, p in b["at_b16"].items():
+            print(f"  B/16, {name}: llip_k32/clip {p['llip_k32_vs_clip']:.2f}, ours/literal {p['llip_vs_literal_reference']:.2f}")
     if peak and "llip_k32" in built:
         cfg = built["llip_k32"][0]
         summary["mfu_llip_k32"] = round(flops.mfu(flops.train_step_flops(cfg, args.batch), best["llip_k32"], peak, 1), 4)

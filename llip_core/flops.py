@@ -21,10 +21,14 @@ every rank; so B x B pairs per step in total):
     clip / siglip          2 * D
     holistic (M branches)  2 * D * M / min(captions per image, M)   (branch k meets caption k)
     llip literal           4 * K * D + 2 * D^2 + 2 * D   attention logits, mix V, out_proj, cosine
-    llip efficient         4 * K * D + 2 * H * K^2 + 2 * D   logits, <V_i, W t_j>, the Gram-matrix norm
-                                                          (+ per image 2 (HK)^2 D for its Gram matrix,
-                                                          per text 2 D^2 for W t_j), when H K <= D;
-                                                          otherwise the literal count.
+    llip Gram route        4 * K * D + 2 (HK)^2              logits, <V_i, W t_j>, the norm a^T G_i a
+                           + per image 2 K D^2 + 2 H K^2 D   its Gram matrix G_i (HK x HK), built from
+                                                             C = W W^T one head block at a time
+                           + per text 2 D^2, once 2 D^3      p_j = W t_j, and C
+    The Gram route runs when these come to fewer FLOPs than the literal count for the call's shapes
+    (`gram_route_cheaper`: roughly H K < D and enough texts per call); otherwise the literal count.
+    What the Gram route costs is counted, not the literal formulation's work, so the efficient
+    scorer's savings do not inflate MFU. tests/test_flops.py checks both against torch's counter.
 """
 from __future__ import annotations
 
@@ -66,14 +70,26 @@ def text_forward_flops(cfg: ModelConfig) -> int:
     return f
 
 
-def efficient_scorer_applies(cfg: ModelConfig) -> bool:
-    """Whether the Gram-matrix route runs (llip_core.losses.llip_pair_logits: H*K <= D)."""
-    return cfg.cross_heads * cfg.mixture_tokens <= cfg.embed_dim
+def _scorer_flops(D: int, K: int, H: int, n_img: int, n_txt: int, gram: bool) -> int:
+    if not gram:
+        return n_img * n_txt * (4 * K * D + 2 * D * D + 2 * D)
+    return (n_img * n_txt * (4 * K * D + 2 * (H * K) ** 2) + n_img * (2 * K * D * D + 2 * H * K * K * D)
+            + n_txt * 2 * D * D + 2 * D ** 3)
+
+
+def gram_route_cheaper(D: int, K: int, H: int, n_img: int, n_txt: int) -> bool:
+    """Whether llip_core.losses.llip_pair_logits scores n_img images against n_txt texts through the
+    per-image Gram matrix rather than the literal formulation: whichever counts fewer FLOPs. (With
+    H K > D the Gram route never wins: its per-pair (HK)^2 alone exceeds the literal D^2.)"""
+    return _scorer_flops(D, K, H, n_img, n_txt, True) < _scorer_flops(D, K, H, n_img, n_txt, False)
 
 
 def scoring_forward_flops(cfg: ModelConfig, n_img: int, n_txt: int, literal: bool = False,
-                          captions_per_image: int = 1) -> int:
-    """Forward FLOPs of scoring n_img images against n_txt texts."""
+                          captions_per_image: int = 1, per_call: tuple[int, int] | None = None) -> int:
+    """Forward FLOPs of scoring n_img images against n_txt texts. `per_call`: the (images, texts) each
+    scorer call sees, which decides the Llip route (N ranks: the InfoNCE loss scores the local images
+    against all texts, (n_img/N, n_txt); the sigmoid ring one rank's texts at a time, (n_img/N,
+    n_txt/N)); default one call with everything."""
     D, K, H = cfg.embed_dim, cfg.mixture_tokens, cfg.cross_heads
     pairs = n_img * n_txt
     if cfg.pooling == "multi_cls":
@@ -82,16 +98,21 @@ def scoring_forward_flops(cfg: ModelConfig, n_img: int, n_txt: int, literal: boo
         return pairs * 2 * D * cfg.branches // max(1, min(captions_per_image, cfg.branches))
     if cfg.pooling != "llip":
         return pairs * 2 * D
-    if literal or not efficient_scorer_applies(cfg):
-        return pairs * (4 * K * D + 2 * D * D + 2 * D)
-    return pairs * (4 * K * D + 2 * H * K * K + 2 * D) + n_img * 2 * (H * K) ** 2 * D + n_txt * 2 * D * D
+    ci, ct = per_call or (n_img, n_txt)
+    gram = not literal and gram_route_cheaper(D, K, H, ci, ct)
+    return pairs // (ci * ct) * _scorer_flops(D, K, H, ci, ct, gram)
 
 
-def train_step_flops(cfg: ModelConfig, global_batch: int, captions_per_image: int = 1, literal: bool = False) -> int:
-    """Model FLOPs of one optimiser step over the whole global batch (all ranks together): 3 x forward."""
+def train_step_flops(cfg: ModelConfig, global_batch: int, captions_per_image: int = 1, literal: bool = False,
+                     world_size: int = 1, ring: bool = False) -> int:
+    """Model FLOPs of one optimiser step over the whole global batch (all ranks together): 3 x forward.
+    With world_size ranks, each scores its local images against all texts, gathered (InfoNCE) or one
+    rank's at a time around a ring (`ring`: the sigmoid losses)."""
     n_txt = global_batch * captions_per_image
+    per_call = (global_batch // world_size, n_txt // world_size if ring else n_txt)
     fwd = (global_batch * image_forward_flops(cfg) + n_txt * text_forward_flops(cfg)
-           + scoring_forward_flops(cfg, global_batch, n_txt, literal=literal, captions_per_image=captions_per_image))
+           + scoring_forward_flops(cfg, global_batch, n_txt, literal=literal, captions_per_image=captions_per_image,
+                                   per_call=per_call))
     return 3 * fwd
 
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llip_core.flops import gram_route_cheaper
+
 NORM_EPS = 1e-12  # F.normalize's eps, so the efficient and literal scorers agree at zero norm too
 # The Gram route computes ||z_ij||^2 = a^T G_i a as a sum of terms as large as G_i's diagonal, so when
 # z_ij nearly cancels (values pointing opposite ways under one attention) its fp32 rounding noise, about
@@ -180,7 +182,7 @@ def _direct_chunk(keys, values, queries, t, W, tau):
 
 
 def llip_pair_logits(keys, values, queries, text_emb, out_proj, tau, chunk_size: int | None = None,
-                     literal: bool = False):
+                     literal: bool = False, route: str = "auto"):
     """Cosine similarity between each text-conditioned image embedding z_ij and each normalised text.
 
     keys, values: (B_img, H, K, D/H); queries: (B_txt, H, D/H); text_emb: (B_txt, D); out_proj: (D, D).
@@ -189,11 +191,16 @@ def llip_pair_logits(keys, values, queries, text_emb, out_proj, tau, chunk_size:
 
     Efficient path (default), images `chunk_size` at a time (None: from PAIR_BUDGET), the backward
     recomputing each chunk, so no (B_img, B_txt, D) tensor exists and memory is O(chunk * B_txt *
-    max(HK, D)). Per pair, the literal formulation costs O(KD + D^2). When H*K <= D (every released
-    config: B/16 has HK = 256, D = 512) out_proj is folded into the text side (p_j = W t_j) and into a
-    per-image Gram matrix in attention space for the norm, O(KD + (HK)^2) per pair. When H*K > D (large-K
-    ablations) that Gram matrix would cost more than out_proj itself, so each chunk runs the literal
-    formulation under activation checkpointing: same cost as literal, memory bounded by the chunk.
+    max(HK, D)). Two routes, each exact:
+    - "gram": out_proj is folded into the text side (p_j = W t_j) and into a per-image Gram matrix in
+      attention space for the norm: O(KD + (HK)^2) per pair plus O(K D^2 + H K^2 D) per image.
+    - "direct": each chunk runs the literal formulation under activation checkpointing, O(KD + D^2)
+      per pair, memory bounded by the chunk.
+    `route="auto"` (the default) takes whichever costs fewer FLOPs for these shapes
+    (llip_core.flops.gram_route_cheaper): the Gram route for training batches when H K < D (every
+    released config: B/16 has HK = 256, D = 512), the direct one for large-K ablations (H K >= D,
+    where the Gram matrix costs more than out_proj itself) and for a few texts against many images
+    (zero-shot prompts), where the per-image Gram matrices would dominate.
     Runs in at least float32 even under autocast (norms via a Gram matrix need the precision).
     """
     if literal:
@@ -201,7 +208,9 @@ def llip_pair_logits(keys, values, queries, text_emb, out_proj, tau, chunk_size:
     dt = torch.promote_types(keys.dtype, torch.float32)  # bf16/fp16 -> fp32, fp64 stays
     B, H, K, d = keys.shape
     D = H * d
-    gram = H * K <= D
+    if route not in ("auto", "gram", "direct"):
+        raise ValueError(f"llip_pair_logits: route={route!r}; use 'auto', 'gram' or 'direct'")
+    gram = route == "gram" or (route == "auto" and gram_route_cheaper(D, K, H, B, queries.shape[0]))
     # Gram route: G_i and the symmetrised copy _gram makes, 2 (HK)^2 per image
     chunk = auto_chunk_size(queries.shape[0], H * K if gram else D, keys.device, 2 * (H * K) ** 2 if gram else 0) \
         if chunk_size is None else max(1, int(chunk_size))

@@ -184,7 +184,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                               torch.cuda.get_device_name(device) if use_cuda else None, warn)
     step_flops = train_step_flops(
         cfg.resolved_model(), cfg.data.batch_size, literal=cfg.loss.literal_scorer,
-        captions_per_image=cfg.data.max_captions if cfg.data.captions == "all" else 1) if peak else None
+        captions_per_image=cfg.data.max_captions if cfg.data.captions == "all" else 1,
+        world_size=world, ring=cfg.loss.type in ("siglip", "llip")) if peak else None
     task = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": False}) if world > 1 else core
 
     logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 and config.get("mlflow_run_id") else None

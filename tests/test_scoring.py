@@ -34,7 +34,8 @@ def _value_and_grads(fn, inputs, weight):
 
 @pytest.mark.parametrize("case", ["default", "tau_large", "tau_small", "K1", "H1", "chunk1", "chunk_big", "paper_shape",
                                   "HK_gt_D", "HK_gt_D_tau_large"])
-def test_efficient_equals_literal_float32(case):
+@pytest.mark.parametrize("route", ["gram", "direct"])
+def test_efficient_equals_literal_float32(case, route):
     kw, tau, chunk = {}, 5.0, 3
     if case == "tau_large":
         tau = 1e8  # attention becomes uniform over K
@@ -54,7 +55,7 @@ def test_efficient_equals_literal_float32(case):
         kw, chunk = {"Bi": 12, "Bt": 10, "H": 8, "K": 32, "d": 64}, 5  # D = 512, K = 32, H = 8
     inputs = _inputs(**kw)
     weight = torch.randn(inputs[0].shape[0], inputs[2].shape[0], generator=torch.Generator().manual_seed(1))
-    ours, g_ours = _value_and_grads(lambda *x: llip_pair_logits(*x, tau, chunk_size=chunk), inputs, weight)
+    ours, g_ours = _value_and_grads(lambda *x: llip_pair_logits(*x, tau, chunk_size=chunk, route=route), inputs, weight)
     lit, g_lit = _value_and_grads(lambda *x: literal(*x, tau), inputs, weight)
     assert ours.shape == (inputs[0].shape[0], inputs[2].shape[0])
     torch.testing.assert_close(ours, lit, atol=1e-5, rtol=0)
@@ -71,23 +72,25 @@ def test_efficient_equals_literal_float32(case):
         assert K > 1
 
 
-def test_efficient_equals_literal_float64_tight():
+@pytest.mark.parametrize("route", ["gram", "direct"])
+def test_efficient_equals_literal_float64_tight(route):
     inputs = _inputs(dtype=torch.float64, seed=3)
     weight = torch.randn(7, 5, dtype=torch.float64)
-    ours, g_ours = _value_and_grads(lambda *x: llip_pair_logits(*x, 2.0, chunk_size=2), inputs, weight)
+    ours, g_ours = _value_and_grads(lambda *x: llip_pair_logits(*x, 2.0, chunk_size=2, route=route), inputs, weight)
     lit, g_lit = _value_and_grads(lambda *x: literal(*x, 2.0), inputs, weight)
     torch.testing.assert_close(ours, lit, atol=1e-12, rtol=1e-10)
     for a, b in zip(g_ours, g_lit):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("route", ["gram", "direct"])
+def test_gradcheck_float64(route):
     inputs = _inputs(Bi=3, Bt=2, H=2, K=3, d=2, dtype=torch.float64, seed=5)
-    assert torch.autograd.gradcheck(lambda *x: llip_pair_logits(*x, 1.5, chunk_size=2), inputs)
+    assert torch.autograd.gradcheck(lambda *x: llip_pair_logits(*x, 1.5, chunk_size=2, route=route), inputs)
 
 
-@pytest.mark.parametrize("H,K,d", [(2, 2, 32), (2, 32, 4)])  # Gram path (HK < D), direct path (HK > D)
-def test_no_pair_by_d_tensor_is_built_or_saved(H, K, d):
+@pytest.mark.parametrize("H,K,d,route", [(2, 2, 32, "gram"), (2, 32, 4, "direct")])  # HK < D and HK > D
+def test_no_pair_by_d_tensor_is_built_or_saved(H, K, d, route):
     """Neither the forward nor the tensors kept for backward reach (B_img, B_txt, max(D, HK)) elements:
     only chunk-sized per-pair tensors exist (chunk 2 of 32 images: 1/16 of that)."""
     Bi, Bt = 32, 32
@@ -112,7 +115,7 @@ def test_no_pair_by_d_tensor_is_built_or_saved(H, K, d):
             return out
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Largest():
-        out = llip_pair_logits(*inputs, 5.0, chunk_size=2)
+        out = llip_pair_logits(*inputs, 5.0, chunk_size=2, route=route)
         out.sum().backward()
     limit = max(pair_d // 16, inputs[0].numel())  # gradients of keys/values are input-sized
     assert max(saved) <= limit and Largest.biggest <= limit
@@ -123,20 +126,22 @@ def test_no_pair_by_d_tensor_is_built_or_saved(H, K, d):
     assert Largest.biggest >= pair_d
 
 
-def test_autocast_bf16_runs_in_float32():
+@pytest.mark.parametrize("route", ["gram", "direct"])
+def test_autocast_bf16_runs_in_float32(route):
     inputs = _inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = llip_pair_logits(*inputs, 5.0)
+        ours = llip_pair_logits(*inputs, 5.0, route=route)
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours, literal(*inputs, 5.0), atol=1e-5, rtol=0)
 
 
-def test_zero_value_norm_matches_normalize_eps():
+@pytest.mark.parametrize("route", ["gram", "direct"])
+def test_zero_value_norm_matches_normalize_eps(route):
     """An image whose values are all zero: F.normalize's eps path, score 0 and finite gradients."""
     inputs = _inputs()
     with torch.no_grad():
         inputs[1][0].zero_()
-    ours = llip_pair_logits(*inputs, 5.0)
+    ours = llip_pair_logits(*inputs, 5.0, route=route)
     lit = llip_pair_logits_literal(*inputs, 5.0)
     torch.testing.assert_close(ours, lit, atol=1e-5, rtol=0)
     assert ours[0].abs().max() == 0
@@ -168,21 +173,21 @@ def test_rounding_level_embedding_scores_zero_not_huge(monkeypatch):
 
     for seed in range(5):
         inputs = [x.requires_grad_() for x in _cancelling(seed)]
-        ours = llip_pair_logits(*inputs, 5.0)
+        ours = llip_pair_logits(*inputs, 5.0, route="gram")
         assert ours[0].abs().max() < 1e-3, seed  # ||z_0j||^2 under REL_NORM_EPS tr(G_0): treated as 0
         torch.testing.assert_close(ours[1:], literal(*[x.detach() for x in inputs], 5.0)[1:], atol=1e-5, rtol=0)
         ours.sum().backward()
         assert all(torch.isfinite(x.grad).all() for x in inputs)
     # without the relative floor the Gram route divides rounding noise by its own square root
     monkeypatch.setattr(L, "REL_NORM_EPS", 0.0)
-    worst = max(float(llip_pair_logits(*_cancelling(seed), 5.0)[0].abs().max()) for seed in range(5))
+    worst = max(float(llip_pair_logits(*_cancelling(seed), 5.0, route="gram")[0].abs().max()) for seed in range(5))
     assert worst > 0.5
 
 
 def test_scores_stay_in_unit_interval_and_tiny_images_score_zero():
     inputs = [x.detach() for x in _inputs(Bi=9, Bt=7, H=4, K=4, d=8, key_scale=30.0)]
     for chunk in (None, 2):
-        s = llip_pair_logits(*inputs, 0.5, chunk_size=chunk)
+        s = llip_pair_logits(*inputs, 0.5, chunk_size=chunk, route="gram")
         assert s.abs().max() <= 1.0
     big_k = [x.detach() for x in _inputs(H=4, K=16, d=4)]  # HK > D: the direct path is clamped too
     assert llip_pair_logits(*big_k, 5.0).abs().max() <= 1.0
@@ -191,11 +196,12 @@ def test_scores_stay_in_unit_interval_and_tiny_images_score_zero():
     tiny = list(inputs)
     tiny[1] = inputs[1].clone()
     tiny[1][0] *= 1e-20
-    assert llip_pair_logits(*tiny, 5.0)[0].abs().max() < 1e-6
+    assert llip_pair_logits(*tiny, 5.0, route="gram")[0].abs().max() < 1e-6
     # the floor is relative: a merely small image keeps its scores (cosines do not depend on scale)
     small = list(inputs)
     small[1] = inputs[1] * 1e-3
-    torch.testing.assert_close(llip_pair_logits(*small, 5.0), llip_pair_logits(*inputs, 5.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(llip_pair_logits(*small, 5.0, route="gram"), llip_pair_logits(*inputs, 5.0, route="gram"),
+                               atol=1e-5, rtol=0)
 
 
 def test_zero_shot_scoring_peak_stays_under_a_training_batch():
