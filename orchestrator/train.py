@@ -240,7 +240,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         upcoming = None
         ahead = max(4 * local_bs, total(stream.intervals) // 4)  # positions left when the next epoch starts
         while True:
-            if upcoming is None and step < cfg.train.steps - 1 and total(stream.remaining()) <= ahead:
+            left = total(stream.remaining())  # this epoch's positions this rank has not trained on
+            # the next epoch starts decoding near this one's end, if the run lasts beyond this epoch
+            if upcoming is None and left <= ahead and cfg.train.steps - step > left // local_bs:
                 upcoming = open_stream(epoch + 1).prefetch()
             batch = stream.next_batch()
             if not _all_have_batch(batch is not None, world, device):  # ranks step in lockstep
