@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,3 +32,14 @@ def cli_env(tmp_path):
 
 def llip_cmd(*args):
     return [sys.executable, "-m", "orchestrator", *map(str, args)]
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory):
+    """A non-editable build of this checkout in its own folder; PYTHONPATH puts it ahead of the
+    venv's editable install, whose dependencies (ray, torch, ...) it still uses."""
+    target = tmp_path_factory.mktemp("site")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return target

@@ -1,23 +1,20 @@
 """The `eval:` section, `llip eval` on a real checkpoint with a real MLflow SQLite store, `llip compare`
-ranking by an eval metric, the driver's preflight of bad sets, and (slow) evaluation every N steps
-inside a real 2-worker run."""
+ranking by an eval metric, and the driver's preflight of bad sets. (Evaluation every N steps inside a
+real run is checked by tests/test_run_e2e.py's smoke run.)"""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, llip_cmd
+from conftest import ROOT
 from orchestrator.cli import main as llip_main
 from orchestrator.config import ConfigError, load_config, parse_config
 from orchestrator.evalsets import CLASSIFICATION, inspect_set, load_set, write_eval_set
 
-FM = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-needs_fm = pytest.mark.skipif(not FM.is_file(), reason="Debian's dataset-fashion-mnist is not installed")
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -163,41 +160,5 @@ def test_run_with_a_bad_eval_set_fails_before_training_in_one_line(emoji_shards,
     assert exp is None or not c.search_runs([exp.experiment_id])
 
 
-# ---------------------------------------------------------------------------------------------
-# in training: every eval.every steps on rank 0, a curve per set, final values in eval/final.json
-# ---------------------------------------------------------------------------------------------
-@needs_fm
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_run_evaluates_sets_every_n_steps(emoji_shards, cli_env, tmp_path):
-    fm = tmp_path / "fashion_mnist"
-    assert llip_main(["shards", "fashion-mnist", "--out", str(fm), "--limit", "200", "-q"]) == 0
-    emo = tmp_path / "emoji_heldout"
-    assert llip_main(["shards", "emoji-heldout", "--out", str(emo), "-q"]) == 0
-    r = subprocess.run(llip_cmd(
-        "run", ROOT / "experiments" / "smoke.yaml",
-        "--set", f"data.train={emoji_shards / 'train'}", "--set", f"data.eval={emoji_shards / 'eval'}",
-        "--set", f"eval.sets=[{fm}, {emo}]", "--set", "eval.every=10", "--set", "eval.tau=[1, 5]",
-        "--set", "train.log_every=15", "--set", f"storage_path={tmp_path / 'runs'}",
-    ), env=cli_env, cwd=tmp_path, capture_output=True, text=True, timeout=540)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "fashion_mnist top1_tau5" in r.stdout
-
-    c = MlflowClient(cli_env["MLFLOW_TRACKING_URI"])
-    run = c.search_runs([c.get_experiment_by_name("smoke").experiment_id])[0]
-    rid = run.info.run_id
-
-    def steps(key):
-        return sorted(m.step for m in c.get_metric_history(rid, key))
-
-    # every 10 steps although log_every is 15, plus the end
-    assert steps("eval/fashion_mnist/top1_tau5") == [10, 20, 30]
-    assert steps("eval/emoji_heldout/recall1") == [10, 20, 30]
-    assert steps("eval/recall1") == [10, 20, 30]  # data.eval keeps its historic names
-    assert steps("train/loss") == [10, 15, 20, 30]
-    fm_top1 = c.get_metric_history(rid, "eval/fashion_mnist/top1_tau1")
-    assert all(0.0 <= m.value <= 1.0 for m in fm_top1)
-    assert run.data.metrics["eval/fashion_mnist/num_samples"] == 200
-    final = json.loads(Path(c.download_artifacts(rid, "eval/final.json", str(tmp_path))).read_text())
-    assert "eval/fashion_mnist/top5_tau5" in final and "eval/emoji_heldout/i2t_recall5" in final
-    assert "plots/curves.png" in {a.path for a in c.list_artifacts(rid, "plots")}
+# In training (every eval.every steps on rank 0, a curve per set, final values in eval/final.json):
+# the smoke run in tests/test_run_e2e.py.

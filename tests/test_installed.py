@@ -5,22 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from test_jobs import ray_head  # noqa: F401  (fixture: a real `ray start --head`)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    """A non-editable build of this checkout in its own folder; PYTHONPATH puts it ahead of the
-    venv's editable install, whose dependencies (ray, torch, ...) it still uses."""
-    target = tmp_path_factory.mktemp("site")
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                        "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return target
 
 
 def _env(installed, base=None):
@@ -81,27 +67,5 @@ def test_submission_ships_the_clients_library_and_the_users_folder(installed, tm
     assert sub["entrypoint"].startswith("sh -c ") and " llip-job run experiments/smoke.yaml " in sub["entrypoint"]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(720)
-def test_submit_from_a_project_outside_the_repo_with_a_non_editable_install(installed, ray_head, emoji_shards, tmp_path):  # noqa: F811
-    from mlflow.tracking import MlflowClient
-
-    address, head_env = ray_head
-    proj = tmp_path / "research"
-    assert llip(installed, tmp_path, "init", proj).returncode == 0
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    r = llip(installed, proj, "submit", "experiments/smoke.yaml", "--address", address, "--wait",
-             "--set", f"data.train={emoji_shards / 'train'}", "--set", f"data.eval={emoji_shards / 'eval'}",
-             "--set", "train.steps=10", "--tracking-uri", uri, "--storage-path", str(tmp_path / "runs"),
-             env=_env(installed, head_env), timeout=660)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-5000:]
-    assert r.stdout.startswith(f"uploading {proj} (")  # says what travels, and how much
-    assert "this client's llip_core + orchestrator (" in r.stdout.splitlines()[0]
-    assert "SUCCEEDED" in r.stdout.splitlines()[-1]
-    # The job imported the shipped library (Ray's py_modules folder), not a copy on the cluster.
-    lib = next(line for line in r.stdout.splitlines() if line.startswith("[llip job] python:")).split("llip from: ")[1].split()[0]
-    assert lib != str(ROOT) and lib != str(installed) and "runtime_resources" in lib, lib
-    c = MlflowClient(uri)
-    runs = c.search_runs([c.get_experiment_by_name("smoke").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+# The same installed copy submitting a job to a real head: tests/test_jobs.py (one head for both
+# submissions).

@@ -1,7 +1,9 @@
 """`llip submit`: a real Ray head started with `ray start --head` (token auth disabled, its own temp
 dir and ports), the smoke experiment submitted with --wait until SUCCEEDED, the run read back from
-MLflow; the cluster is then stopped by the PIDs it started (never `ray stop`, which would kill every
-Ray process on the machine). Plus the cluster-free parts: what is uploaded, the entrypoint, and
+MLflow; then, on the same head, a job submitted from a project folder outside the repository by a
+non-editable install (tests/test_installed.py's), which ships that install's library. The cluster is
+then stopped by the PIDs it started (never `ray stop`, which would kill every Ray process on the
+machine). Plus the cluster-free parts: what is uploaded, the entrypoint, and
 one-line errors for an unreachable address and for data that would not reach the cluster."""
 import os
 import shutil
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import UserError
+from test_installed import _env, llip
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -81,9 +84,9 @@ def _state(pid: int) -> str:
         return "zombie"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head of our own: (dashboard address, env for clients)."""
+    """A Ray head of our own, shared by this module's two submissions: (dashboard address, env for clients)."""
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
     dash = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "VIRTUAL_ENV")}
@@ -197,3 +200,29 @@ def test_sweep_submission(tmp_path):
     sub = build_submission(args(file=str(ROOT / "experiments" / "sweep_demo.yaml"), sweep=True))
     assert " llip-job sweep experiments/sweep_demo.yaml" in sub["entrypoint"]
     assert sub["metadata"]["llip.command"] == "sweep"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(720)
+def test_submit_from_a_project_outside_the_repo_with_a_non_editable_install(installed, ray_head, emoji_shards, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    address, head_env = ray_head
+    proj = tmp_path / "research"
+    assert llip(installed, tmp_path, "init", proj).returncode == 0
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    r = llip(installed, proj, "submit", "experiments/smoke.yaml", "--address", address, "--wait",
+             "--set", f"data.train={emoji_shards / 'train'}", "--set", f"data.eval={emoji_shards / 'eval'}",
+             "--set", "train.steps=10", "--tracking-uri", uri, "--storage-path", str(tmp_path / "runs"),
+             env=_env(installed, head_env), timeout=660)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+    assert r.stdout.startswith(f"uploading {proj} (")  # says what travels, and how much
+    assert "this client's llip_core + orchestrator (" in r.stdout.splitlines()[0]
+    assert "SUCCEEDED" in r.stdout.splitlines()[-1]
+    # The job imported the shipped library (Ray's py_modules folder), not a copy on the cluster.
+    lib = next(line for line in r.stdout.splitlines() if line.startswith("[llip job] python:")).split("llip from: ")[1].split()[0]
+    assert lib != str(ROOT) and lib != str(installed) and "runtime_resources" in lib, lib
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_experiment_by_name("smoke").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"

@@ -220,14 +220,18 @@ import ray
 from orchestrator.config import load_config
 from orchestrator.dataplan import EpochStream, build_train_source
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-cfg = load_config(sys.argv[1]).with_overrides(json.loads(sys.argv[2]))
-src = build_train_source(cfg, None)
-h = hashlib.sha1()
-for epoch in range(2):
-    stream = EpochStream(src, epoch, src.plan(epoch).worker_intervals(1)[0], 64)
-    while (b := stream.next_batch()) is not None:
-        h.update(b["sample_id"].numpy().tobytes()); h.update(b["image"].numpy().tobytes())
-print("STREAM", h.hexdigest())
+for ov in json.loads(sys.argv[2]):
+    cfg = load_config(sys.argv[1]).with_overrides(ov)
+    src = build_train_source(cfg, None)
+    h = hashlib.sha1()
+    for epoch in range(2):  # the first 6 batches of two epochs (each epoch's order is its own)
+        stream = EpochStream(src, epoch, src.plan(epoch).worker_intervals(1)[0], 64)
+        for _ in range(6):
+            b = stream.next_batch()
+            h.update(b["sample_id"].numpy().tobytes()); h.update(b["image"].numpy().tobytes())
+            h.update(b["tokens"].numpy().tobytes())
+        del stream
+    print("STREAM", h.hexdigest(), flush=True)
 """
 
 
@@ -250,14 +254,17 @@ def test_same_seed_same_sample_stream_across_configurations(emoji_shards, cli_en
     script = tmp_path / "order.py"
     script.write_text(ORDER_SCRIPT)
 
-    def stream(ov):
-        out = subprocess.run([sys.executable, str(script), str(exp), json.dumps(ov)], env=cli_env, cwd=root,
+    def streams(*overrides):
+        """One process (one Ray) streams each configuration in turn: one STREAM line each."""
+        out = subprocess.run([sys.executable, str(script), str(exp), json.dumps(overrides)], env=cli_env, cwd=root,
                              capture_output=True, text=True, timeout=300)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("STREAM")), None)
-        assert line, out.stderr[-2000:]
-        return line.split()[1]
+        lines = [ln.split()[1] for ln in out.stdout.splitlines() if ln.startswith("STREAM")]
+        assert len(lines) == len(overrides), out.stderr[-2000:]
+        return lines
 
-    clip0 = stream({"loss.type": "clip", "seed": 0})
-    assert stream({"loss.type": "llip", "model.mixture_tokens": 16, "seed": 0}) == clip0
-    assert stream({"loss.type": "siglip", "model.pooling": "avg", "seed": 0}) == clip0
-    assert stream({"loss.type": "clip", "seed": 1}) != clip0
+    (clip0,) = streams({"loss.type": "clip", "seed": 0})
+    llip0, avg0, clip1 = streams({"loss.type": "llip", "model.mixture_tokens": 16, "seed": 0},
+                                 {"loss.type": "siglip", "model.pooling": "avg", "seed": 0},
+                                 {"loss.type": "clip", "seed": 1})
+    assert llip0 == clip0 and avg0 == clip0  # another process, other models: the same stream
+    assert clip1 != clip0

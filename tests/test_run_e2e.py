@@ -1,5 +1,6 @@
 """`llip run` end to end: real local Ray cluster, Ray Data over real shards, 2 TorchTrainer workers,
 a real MLflow SQLite store read back afterwards."""
+import json
 import subprocess
 from pathlib import Path
 
@@ -16,13 +17,23 @@ def run_llip(args, env, cwd, timeout=420):
 
 
 @pytest.mark.timeout(480)
-def test_smoke_run_trains_logs_and_checkpoints(emoji_shards, cli_env, tmp_path):
+def test_smoke_run_trains_logs_checkpoints_and_evaluates_every_n_steps(emoji_shards, cli_env, tmp_path):
+    # eval.sets beside data.eval: the emoji held-out retrieval set and, where Debian's package is
+    # installed, 200 Fashion-MNIST images for zero-shot classification at two Llip temperatures
+    from orchestrator.cli import main as llip_main
+
+    fm_path = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+    sets = [tmp_path / "emoji_heldout"] + ([tmp_path / "fashion_mnist"] if fm_path.is_file() else [])
+    assert llip_main(["shards", "emoji-heldout", "--out", str(sets[0]), "-q"]) == 0
+    if len(sets) > 1:
+        assert llip_main(["shards", "fashion-mnist", "--out", str(sets[1]), "--limit", "200", "-q"]) == 0
     r = run_llip([
         "run", ROOT / "experiments" / "smoke.yaml",
         "--set", f"data.train={emoji_shards / 'train'}",
         "--set", f"data.eval={emoji_shards / 'eval'}",
         "--set", f"storage_path={tmp_path / 'runs'}",
         "--set", "train.peak_flops=1e12",  # a number gives MFU on a CPU too
+        "--set", f"eval.sets=[{', '.join(map(str, sets))}]", "--set", "eval.every=12", "--set", "eval.tau=[1, 5]",
     ], cli_env, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "held-out image->text R@1" in r.stdout and "mlflow ui --backend-store-uri" in r.stdout
@@ -41,7 +52,7 @@ def test_smoke_run_trains_logs_and_checkpoints(emoji_shards, cli_env, tmp_path):
     assert run.data.params["train.steps"] == "30"
     assert run.data.params["data.train"] == str(emoji_shards / "train")
     hist = sorted(c.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
-    assert [m.step for m in hist] == [5, 10, 15, 20, 25, 30]
+    assert [m.step for m in hist] == [5, 10, 12, 15, 20, 24, 25, 30]  # every log_every, and with each evaluation
     assert hist[-1].value < hist[0].value - 0.05, [m.value for m in hist]
     for key in ("train/lr", "train/logit_scale", "train/samples_per_s", "eval/i2t_recall1", "data/skipped"):
         assert c.get_metric_history(run.info.run_id, key), key
@@ -53,15 +64,27 @@ def test_smoke_run_trains_logs_and_checkpoints(emoji_shards, cli_env, tmp_path):
     arts = {a.path for a in c.list_artifacts(run.info.run_id)} | {
         a.path for d in ("config", "plots", "eval") for a in c.list_artifacts(run.info.run_id, d)}
     assert {"config/experiment.yaml", "plots/curves.png", "eval/final.json", "eval/final.md"} <= arts
-    final = c.download_artifacts(run.info.run_id, "eval/final.json", str(tmp_path))
-    import json
-    assert json.load(open(final))["step"] == 30
+    final = json.loads(Path(c.download_artifacts(run.info.run_id, "eval/final.json", str(tmp_path))).read_text())
+    assert final["step"] == 30
     from orchestrator.tracking import git_commit, package_version
     assert run.data.tags["llip.version"] == package_version() != "unknown"
     assert run.data.tags["llip.git_commit"] == git_commit()
     ckpt = Path(run.data.tags["llip.checkpoint"])
     assert ckpt.is_dir() and (ckpt / "state.pt").is_file()
     assert str(ckpt).startswith(str(tmp_path / "runs"))
+
+    # evaluation every 12 steps, whatever log_every (5), plus the end; data.eval keeps its historic names
+    def steps(key):
+        return sorted(m.step for m in c.get_metric_history(run.info.run_id, key))
+
+    assert steps("eval/emoji_heldout/recall1") == steps("eval/recall1") == [12, 24, 30]
+    assert "eval/emoji_heldout/i2t_recall5" in final
+    if len(sets) > 1:
+        assert "fashion_mnist top1_tau5" in r.stdout
+        assert steps("eval/fashion_mnist/top1_tau5") == [12, 24, 30]
+        assert all(0.0 <= m.value <= 1.0 for m in c.get_metric_history(run.info.run_id, "eval/fashion_mnist/top1_tau1"))
+        assert run.data.metrics["eval/fashion_mnist/num_samples"] == 200
+        assert "eval/fashion_mnist/top5_tau5" in final
 
 
 @pytest.mark.timeout(180)

@@ -43,12 +43,14 @@ sweep:
 @pytest.mark.timeout(900)
 def test_sweep_parent_children_crash_and_compare(emoji_shards, cli_env, tmp_path, capsys):
     cfg_path = write_sweep(tmp_path, emoji_shards)
-    r = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(cfg_path)], cwd=tmp_path, env=cli_env,
+    env = {**cli_env, "LLIP_TRACE_STEPS": str(tmp_path / "trace")}  # each rank's sample ids, step by step
+    r = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(cfg_path)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=840)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     # (2 CPUs - 0.25 for the shared data pass) / 0.5 per trial's worker (it decodes nothing itself)
     assert "at most 3 at once" in out
+    assert "[llip] shared data pass on:" in out and "shared data pass off" not in out
 
     c = MlflowClient(cli_env["MLFLOW_TRACKING_URI"])
     exp = c.get_experiment_by_name("sweep_test")
@@ -77,6 +79,24 @@ def test_sweep_parent_children_crash_and_compare(emoji_shards, cli_env, tmp_path
 
     assert parent.info.status == "FINISHED"
     assert (parent.data.tags["llip.trials"], parent.data.tags["llip.trials_failed"]) == ("3", "1")
+
+    # One decode pass shared by the trials (issue 14): common random numbers, i.e. the two good trials
+    # (batch 32 and 48, one seed) trained on one sample sequence, and only the pass decoded, each
+    # window it wrote once; the trials decoded nothing.
+    traces = {}
+    for t in (tmp_path / "trace").glob("*.jsonl"):
+        steps = [json.loads(line)["ids"] for line in t.read_text().splitlines()]
+        if steps:
+            traces[len(steps[0])] = [i for ids in steps for i in ids]
+    assert sorted(traces) == [32, 48] and len(traces[32]) == 320 and len(traces[48]) == 480
+    assert traces[48][:320] == traces[32]
+    pm = parent.data.metrics
+    # (the crashing trial's batch exceeds the split, so its next-epoch prefetch starts at once: epoch 1 too)
+    assert 480 <= pm["data_shared/decoded"] == pm["data_shared/rows"] <= 2 * 3521
+    assert pm["data_shared/decode_cpu_ms"] > 0 and pm["data_shared/failed"] == 0
+    for run in by_batch.values():
+        assert run.data.metrics.get("data/decoded", 0) == 0 and run.data.metrics["data/seen"] > 0
+    assert not (tmp_path / "runs" / parent.data.tags["llip.run_name"] / "data_cache").exists()  # removed at the end
     assert json.loads(parent.data.tags["llip.sweep.params"]) == [
         "data.batch_size", "loss.type", "model.mixture_tokens", "model.tau"]  # tau: inherited from the demo
     top = max(x.data.metrics["eval/recall1"] for x in by_batch.values())

@@ -20,12 +20,12 @@ from orchestrator.config import load_config, resolved_yaml
 from orchestrator.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, CKPT_EVERY = 60, 10
+STEPS, CKPT_EVERY = 30, 10
 
 
 def write_sweep(tmp_path, shards, seeds=(0, 1)) -> Path:
     # Two trials one after the other (max_concurrent_trials 1 makes the order fixed), tiny model,
-    # a checkpoint every 10 steps, no eval set: a trial trains its 60 steps in a few seconds.
+    # a checkpoint every 10 steps, no eval set: a trial trains its 30 steps in about 12 s.
     p = tmp_path / "resume.yaml"
     p.write_text(f"""
 base: {ROOT / 'experiments' / 'smoke.yaml'}
