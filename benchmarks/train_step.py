@@ -11,7 +11,10 @@ one step each, for --rounds rounds; a variant's time is its fastest step (the ma
 the minimum is the least disturbed), and its samples/s = batch / that time. MFU is printed against
 --peak-flops when given (llip_core.flops counts the model FLOPs). The last line is one JSON object
 with the headline ratios: `llip_k32_vs_clip` (samples/s of our Llip K=32 over our CLIP; target
->= 0.85) and `llip_vs_literal_reference` (ours over the literal reference at K=32; target >= 1.3).
+>= 0.85) and `llip_vs_literal_reference` (ours over the literal reference at K=32; target >= 1.3),
+and `flop_bounds`: the same ratios as the FLOP counts (llip_core.flops) would have them if every
+variant ran at the same FLOP/s, at this size and at B/16 (one GPU; 128 GPUs at the paper's batch), so
+a measured ratio can be read against what the arithmetic allows.
 
 Run: python benchmarks/train_step.py                         (about 3 minutes on 2 idle cores)
      make bench-gpu   (= --device cuda --size B/16 --batch 256 --rounds 10 --peak-flops auto
