@@ -20,6 +20,7 @@ COMMANDS = {
     "report": ("orchestrator.report", "a sweep's configurations over seeds (mean, std, n; paired vs a baseline) as report/ on its parent run"),
     "submit": ("orchestrator.jobs", "submit a run or sweep to a remote Ray cluster as a Ray job"),
     "shards": ("orchestrator.shards", "write WebDataset shards (local or s3://) from a data source"),
+    "sizes": ("orchestrator.sizes", "count existing shards' samples once into a sizes.json beside them (open_clip's format)"),
     "metadata": ("orchestrator.metadata", "build a MetaCLIP-format metadata list (WordNet + word lists)"),
     "curate": ("orchestrator.curate", "MetaCLIP-curate the experiment's data.train (its curation: section)"),
 }

@@ -82,10 +82,30 @@ def _open(path: str, fs):
     return fs.open_input_stream(path) if fs is not None else open(path, "rb")
 
 
-def shard_counts(location: str, paths: Sequence[str], fs, s3cfg=None) -> list[int]:
-    """Samples per shard: from the manifest beside the shards when it lists them all (by file name),
-    else by reading each tar once (in parallel threads)."""
-    from orchestrator.shards import read_manifest
+def read_counts(paths: Sequence[str], fs) -> list[int]:
+    """Samples per shard by reading each tar once, in parallel threads."""
+    def one(p: str) -> int:
+        with _open(p, fs) as f:
+            return count_tar_samples(f)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(paths)))) as ex:
+        return list(ex.map(one, paths))
+
+
+SIZES = "sizes.json"  # open_clip's convention: {shard file name: samples} in the shards' folder
+
+
+def _folder_of(path: str, fs) -> str:
+    """The folder of a shard path, as read_json_at takes it (s3://bucket/prefix or a local folder)."""
+    folder = path.rsplit("/", 1)[0]
+    return f"s3://{folder}" if fs is not None else folder
+
+
+def written_counts(location: str, paths: Sequence[str], fs, s3cfg=None) -> dict[str, int]:
+    """Sample counts written down beside the shards, by shard path: llip's manifest (matched by file
+    name), open_clip's sizes.json in each shard folder, img2dataset's `<shard>_stats.json`
+    ("successes": the samples it wrote)."""
+    from orchestrator.shards import read_json_at, read_manifest
 
     loc = location.rstrip("/")
     root = loc.rsplit("/", 1)[0] if "/" in loc else loc
@@ -96,16 +116,43 @@ def shard_counts(location: str, paths: Sequence[str], fs, s3cfg=None) -> list[in
             for sh in split_.get("shards") or []:
                 if isinstance(sh, dict) and "name" in sh and "samples" in sh:
                     by_name[str(sh["name"])] = int(sh["samples"])
-    names = [p.rsplit("/", 1)[-1] for p in paths]
-    if all(n in by_name for n in names):
-        return [by_name[n] for n in names]
+    out = {p: by_name[p.rsplit("/", 1)[-1]] for p in paths if p.rsplit("/", 1)[-1] in by_name}
+    todo = [p for p in paths if p not in out]
+    for folder in dict.fromkeys(_folder_of(p, fs) for p in todo):
+        sizes = read_json_at(folder, SIZES, s3cfg)
+        if isinstance(sizes, dict):
+            for p in todo:
+                n = sizes.get(p.rsplit("/", 1)[-1])
+                if _folder_of(p, fs) == folder and isinstance(n, (int, float)) and not isinstance(n, bool):
+                    out[p] = int(n)
+    todo = [p for p in paths if p not in out]
 
-    def one(p: str) -> int:
-        with _open(p, fs) as f:
-            return count_tar_samples(f)
+    def stats(p: str):
+        st = read_json_at(_folder_of(p, fs), p.rsplit("/", 1)[-1][:-len(".tar")] + "_stats.json", s3cfg)
+        n = st.get("successes") if isinstance(st, dict) else None
+        return int(n) if isinstance(n, int) and not isinstance(n, bool) else None
 
-    with ThreadPoolExecutor(max_workers=min(16, max(1, len(paths)))) as ex:
-        return list(ex.map(one, paths))
+    # img2dataset writes one per shard: look for all of them only when the first one is there
+    if todo and stats(todo[0]) is not None:
+        with ThreadPoolExecutor(max_workers=min(16, len(todo))) as ex:
+            out.update({p: n for p, n in zip(todo, ex.map(stats, todo)) if n is not None})
+    return out
+
+
+def shard_counts(location: str, paths: Sequence[str], fs, s3cfg=None, say=print) -> list[int]:
+    """Samples per shard: where written down beside the shards (written_counts), else by reading
+    each such tar once (in parallel threads), with one line saying so and how to skip it next time."""
+    import time
+
+    known = written_counts(location, paths, fs, s3cfg)
+    todo = [p for p in paths if p not in known]
+    if todo:
+        t0 = time.perf_counter()
+        known.update(zip(todo, read_counts(todo, fs)))
+        say(f"[llip] counted the samples of {len(todo)} of {len(paths)} shards at {location} by reading them "
+            f"({time.perf_counter() - t0:.1f} s); `llip sizes {location}` writes them to a {SIZES} there once "
+            "(open_clip's format), so later runs skip this")
+    return [known[p] for p in paths]
 
 
 # --------------------------------------------------------------------------------------------

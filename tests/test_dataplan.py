@@ -87,6 +87,52 @@ N_TRAIN = 128  # 8 shards of 16
 LB = 8  # local batch
 
 
+# --------------------------------------------------------------------------------------------
+# shard sample counts: written down beside the shards, else read from the tars (with a note)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_counts_come_from_the_manifest_sizes_json_img2dataset_stats_or_the_tars(where, moto_s3, tmp_path):  # noqa: F811
+    import json
+    from pathlib import Path
+
+    from orchestrator.cli import main as llip_main
+    from orchestrator.data import resolve_shards
+    from orchestrator.dataplan import shard_counts
+    from orchestrator.shards import write_emoji_shards
+
+    if where == "s3":
+        moto_s3.create_bucket("llip-sizes")
+        root, c = "s3://llip-sizes/emoji", moto_s3.client()
+        put = lambda name, obj: c.put_object(Bucket="llip-sizes", Key=f"emoji/{name}", Body=json.dumps(obj).encode())  # noqa: E731
+        rm = lambda name: c.delete_object(Bucket="llip-sizes", Key=f"emoji/{name}")  # noqa: E731
+    else:
+        root = str(tmp_path / "emoji")
+        put = lambda name, obj: Path(root, name).write_text(json.dumps(obj))  # noqa: E731
+        rm = lambda name: Path(root, name).unlink()  # noqa: E731
+    write_emoji_shards(root, samples_per_shard=16, seed=0, holdout=0.2, limit=110)
+    loc = f"{root}/train"
+    paths, fs = resolve_shards(loc, None, "data.train")
+
+    def counts():
+        notes = []
+        return shard_counts(loc, paths, fs, say=notes.append), notes
+
+    truth, notes = counts()  # the manifest's
+    assert notes == [] and len(set(truth)) == 2 and truth.count(16) == len(truth) - 1  # one shorter shard
+    rm("manifest.json")
+    got, notes = counts()  # no manifest: every tar is read, and one line says so and what to do
+    assert got == truth and len(notes) == 1 and f"llip sizes {loc}" in notes[0] and f"{len(paths)} of" in notes[0]
+    assert llip_main(["sizes", loc]) == 0  # open_clip's sizes.json beside the shards
+    got, notes = counts()
+    assert got == truth and notes == []
+    rm("train/sizes.json")
+    names = [p.rsplit("/", 1)[-1] for p in paths]
+    for name, n in zip(names, truth):  # img2dataset's per-shard stats; the first one says 3
+        put(f"train/{name[:-4]}_stats.json", {"count": 20, "successes": 3 if name == names[0] else n})
+    got, notes = counts()
+    assert got == [3] + truth[1:] and notes == []
+
+
 @pytest.fixture(scope="module")
 def ray_local(moto_s3):  # noqa: F811  (after the AWS env is set)
     import ray
