@@ -211,9 +211,11 @@ def llip_pair_logits(keys, values, queries, text_emb, out_proj, tau, chunk_size:
     if route not in ("auto", "gram", "direct"):
         raise ValueError(f"llip_pair_logits: route={route!r}; use 'auto', 'gram' or 'direct'")
     gram = route == "gram" or (route == "auto" and gram_route_cheaper(D, K, H, B, queries.shape[0]))
-    # Gram route: G_i and the symmetrised copy _gram makes, 2 (HK)^2 per image
-    chunk = auto_chunk_size(queries.shape[0], H * K if gram else D, keys.device, 2 * (H * K) ** 2 if gram else 0) \
-        if chunk_size is None else max(1, int(chunk_size))
+    # per image, besides the per-pair tensors: on the Gram route G_i and the symmetrised copy _gram
+    # makes, 2 (HK)^2; on the direct route the einsums' copies of the chunk's keys and values, 2 K D
+    # (with a few texts, zero-shot prompts, these set the peak)
+    chunk = auto_chunk_size(queries.shape[0], H * K if gram else D, keys.device,
+                            2 * (H * K) ** 2 if gram else 2 * K * D) if chunk_size is None else max(1, int(chunk_size))
     with torch.autocast(device_type=keys.device.type, enabled=False):
         W = out_proj.to(dt)
         t = F.normalize(text_emb.to(dt), dim=-1, eps=NORM_EPS)
