@@ -100,7 +100,7 @@ def scoring_forward_flops(cfg: ModelConfig, n_img: int, n_txt: int, literal: boo
         return pairs * 2 * D
     ci, ct = per_call or (n_img, n_txt)
     gram = not literal and gram_route_cheaper(D, K, H, ci, ct)
-    return pairs // (ci * ct) * _scorer_flops(D, K, H, ci, ct, gram)
+    return pairs * _scorer_flops(D, K, H, ci, ct, gram) // (ci * ct)  # (pairs / per-call pairs) calls
 
 
 def train_step_flops(cfg: ModelConfig, global_batch: int, captions_per_image: int = 1, literal: bool = False,
