@@ -24,6 +24,9 @@ _NOISE = re.compile(
     # user can act on (printed with the source line that triggered it).
     r"|RayDeprecationWarning: `ExecutionOptions\.exclude_resources` is deprecated"
     r"|^\s*self\.exclude_resources = exclude_resources\s*$"
+    # Ray Train's controller logs this at error level for its own PreemptionWatcher actor on every
+    # run (ray-project/ray#53727); nothing failed and nothing is for the user to do.
+    r"|Actor with class name: 'PreemptionWatcher' and ID: '[0-9a-f]+' has constructor arguments in the object store"
 )
 
 

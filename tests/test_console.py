@@ -10,6 +10,10 @@ NOISE = [
     "[dataset]: A new progress UI is available. To enable, set ...",
     "",
     "   ",
+    "[2026-12-02 02:43:44,115 E 30407 30437] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and ID: "
+    "'5fc22830ab3b9f3dc88c832f01000000' has constructor arguments in the object store and max_restarts > 0. If the "
+    "arguments in the object store go out of scope or are lost, the actor restart will fail. See "
+    "https://github.com/ray-project/ray/issues/53727 for more details.",
 ]
 KEEP = [
     "[llip] step 5/30 loss 7.1361 lr 1.00e-03 67 samples/s",
@@ -17,6 +21,9 @@ KEEP = [
     "Traceback (most recent call last):",
     "RuntimeError: CUDA out of memory",
     "[llip] eval step 50: emoji R@1 12.5%  (Reporting is done by rank 0)",
+    # the same error about another actor is news, and passes
+    "[2026-12-02 02:43:44,115 E 1 2] core_worker.cc:2465: Actor with class name: 'MyActor' and ID: '5fc2' has "
+    "constructor arguments in the object store and max_restarts > 0.",
 ]
 
 
