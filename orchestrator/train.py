@@ -174,6 +174,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             from orchestrator.dataplan import describe
 
             say(f"[llip] resumed from checkpoint at step {step}, epoch {epoch} ({describe(data_pos)})")
+    local_bs = cfg.data.batch_size // world
+    source = config["train_source"]  # orchestrator.dataplan.TrainSource, built by the driver
+    multi = cfg.data.captions == "all"
+
+    def open_stream(e: int, intervals=None) -> EpochStream:
+        """This rank's stream of epoch e: its run of the epoch's plan, or `intervals` (a resume's)."""
+        mine = source.plan(e).worker_intervals(world)[rank] if intervals is None else intervals
+        return EpochStream(source, e, mine, local_bs, multi_caption=multi)
+
+    # The first stream starts now, so that Ray Data's start-up and the first window's decode overlap
+    # what comes before the first step (switches, DDP, the eval sets' decode on rank 0).
+    upcoming = None
+    if step < cfg.train.steps:
+        resuming = data_pos is not None and data_pos.epoch == epoch
+        upcoming = open_stream(epoch, data_pos.for_workers(world)[rank] if resuming else None).prefetch()
     from llip_core.flops import train_step_flops
     from orchestrator.stepmetrics import StepClock, progress_line, resolve_peak_flops, step_metrics
     from orchestrator.switches import apply_switches
@@ -190,9 +205,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 and config.get("mlflow_run_id") else None
     stats = config.get("data_stats")
-    local_bs = cfg.data.batch_size // world
-    source = config["train_source"]  # orchestrator.dataplan.TrainSource, built by the driver
-    multi = cfg.data.captions == "all"
     # Eval sets (data.eval and eval.sets, preflighted by the driver) are decoded once, on rank 0 only:
     # the other ranks wait for it at the next collective, so an evaluation stalls training by its own
     # duration and no more. Every rank knows when one is due, so all report on that step together.
@@ -223,12 +235,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trace = _open_trace(ctx.get_experiment_name(), rank)
     clock = StepClock()  # data-wait vs compute per step (orchestrator/stepmetrics.py)
     done = step >= cfg.train.steps
-    upcoming = None  # the next epoch's stream, started ahead
-
-    def open_stream(e: int, intervals=None) -> EpochStream:
-        """This rank's stream of epoch e: its run of the epoch's plan, or `intervals` (a resume's)."""
-        mine = source.plan(e).worker_intervals(world)[rank] if intervals is None else intervals
-        return EpochStream(source, e, mine, local_bs, multi_caption=multi)
 
     while not done:
         saw_batch = False
