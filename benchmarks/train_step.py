@@ -74,7 +74,7 @@ def _ratios(cfg, batch: int, world: int = 1) -> dict:
             "llip_k32_vs_clip_free_scorer": round(clip / towers, 3)}
 
 
-def flop_bounds(cfg, batch: int, size: str) -> dict:
+def flop_bounds(cfg, batch: int) -> dict:
     """Where the targets sit against the FLOP arithmetic: the ratios at this size, and at B/16 (K = 32)
     on one GPU (global batch 256) and at the paper's scale (32,768 over 128 GPUs, a sigmoid ring)."""
     b16 = model_config("B/16", pooling="llip", mixture_tokens=cfg.mixture_tokens)
@@ -178,7 +178,7 @@ def main() -> None:
         summary["llip_vs_literal_reference"] = round(res["llip_k32"] / res["literal_k32"], 3)
     summary["samples_per_s"] = {k: round(v, 1) for k, v in res.items()}
     if "llip_k32" in built:
-        summary["flop_bounds"] = flop_bounds(built["llip_k32"][0], args.batch, args.size)
+        summary["flop_bounds"] = flop_bounds(built["llip_k32"][0], args.batch)
         b = summary["flop_bounds"]
         print(f"FLOP bounds at this size and batch (samples/s ratios if every variant ran at the same FLOP/s): "
               f"llip_k32/clip {b['llip_k32_vs_clip']:.2f} ({b['llip_k32_vs_clip_free_scorer']:.2f} with a free "

@@ -95,10 +95,17 @@ def read_counts(paths: Sequence[str], fs) -> list[int]:
 SIZES = "sizes.json"  # open_clip's convention: {shard file name: samples} in the shards' folder
 
 
-def _folder_of(path: str, fs) -> str:
-    """The folder of a shard path, as read_json_at takes it (s3://bucket/prefix or a local folder)."""
-    folder = path.rsplit("/", 1)[0]
-    return f"s3://{folder}" if fs is not None else folder
+def by_folder(paths: Sequence[str], fs) -> dict[str, list[str]]:
+    """Shard paths grouped by folder, as read_json_at takes one (s3://bucket/prefix or a local folder)."""
+    out: dict[str, list[str]] = {}
+    for p in paths:
+        folder = p.rsplit("/", 1)[0]
+        out.setdefault(f"s3://{folder}" if fs is not None else folder, []).append(p)
+    return out
+
+
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
 
 
 def written_counts(location: str, paths: Sequence[str], fs, s3cfg=None) -> dict[str, int]:
@@ -116,26 +123,26 @@ def written_counts(location: str, paths: Sequence[str], fs, s3cfg=None) -> dict[
             for sh in split_.get("shards") or []:
                 if isinstance(sh, dict) and "name" in sh and "samples" in sh:
                     by_name[str(sh["name"])] = int(sh["samples"])
-    out = {p: by_name[p.rsplit("/", 1)[-1]] for p in paths if p.rsplit("/", 1)[-1] in by_name}
-    todo = [p for p in paths if p not in out]
-    for folder in dict.fromkeys(_folder_of(p, fs) for p in todo):
+    out = {p: by_name[_name(p)] for p in paths if _name(p) in by_name}
+    for folder, ps in by_folder([p for p in paths if p not in out], fs).items():
         sizes = read_json_at(folder, SIZES, s3cfg)
         if isinstance(sizes, dict):
-            for p in todo:
-                n = sizes.get(p.rsplit("/", 1)[-1])
-                if _folder_of(p, fs) == folder and isinstance(n, (int, float)) and not isinstance(n, bool):
+            for p in ps:
+                n = sizes.get(_name(p))
+                if isinstance(n, (int, float)) and not isinstance(n, bool):
                     out[p] = int(n)
-    todo = [p for p in paths if p not in out]
+    todo = [(folder, p) for folder, ps in by_folder([p for p in paths if p not in out], fs).items() for p in ps]
 
-    def stats(p: str):
-        st = read_json_at(_folder_of(p, fs), p.rsplit("/", 1)[-1][:-len(".tar")] + "_stats.json", s3cfg)
+    def stats(item: tuple[str, str]):
+        folder, p = item
+        st = read_json_at(folder, _name(p)[:-len(".tar")] + "_stats.json", s3cfg)
         n = st.get("successes") if isinstance(st, dict) else None
         return int(n) if isinstance(n, int) and not isinstance(n, bool) else None
 
     # img2dataset writes one per shard: look for all of them only when the first one is there
     if todo and stats(todo[0]) is not None:
         with ThreadPoolExecutor(max_workers=min(16, len(todo))) as ex:
-            out.update({p: n for p, n in zip(todo, ex.map(stats, todo)) if n is not None})
+            out.update({p: n for (_, p), n in zip(todo, ex.map(stats, todo)) if n is not None})
     return out
 
 

@@ -5,7 +5,6 @@ img2dataset's `<shard>_stats.json` it reads them; otherwise it reads every tar a
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 
 
 def add_args(p) -> None:
@@ -18,18 +17,15 @@ def cli(args) -> int:
     import time
 
     from orchestrator.data import resolve_shards
-    from orchestrator.dataplan import SIZES, _folder_of, read_counts
+    from orchestrator.dataplan import SIZES, by_folder, read_counts
     from orchestrator.shards import _Dest
 
-    s3cfg = None
-    paths, fs = resolve_shards(args.location, s3cfg, "LOCATION")
+    paths, fs = resolve_shards(args.location, None, "LOCATION")  # S3 endpoint: AWS_ENDPOINT_URL
     t0 = time.perf_counter()
-    counts = read_counts(paths, fs)
-    by_folder: dict[str, dict[str, int]] = defaultdict(dict)
-    for p, n in zip(paths, counts):
-        by_folder[_folder_of(p, fs)][p.rsplit("/", 1)[-1]] = n
-    for folder, sizes in by_folder.items():
-        _Dest(folder, s3cfg).put(SIZES, (json.dumps(dict(sorted(sizes.items())), indent=1) + "\n").encode())
+    count = dict(zip(paths, read_counts(paths, fs)))
+    for folder, ps in by_folder(paths, fs).items():
+        sizes = {p.rsplit("/", 1)[-1]: count[p] for p in ps}
+        _Dest(folder).put(SIZES, (json.dumps(dict(sorted(sizes.items())), indent=1) + "\n").encode())
         print(f"wrote {folder}/{SIZES}: {len(sizes)} shards, {sum(sizes.values())} samples")
-    print(f"counted {sum(counts)} samples in {len(paths)} shards in {time.perf_counter() - t0:.1f} s")
+    print(f"counted {sum(count.values())} samples in {len(paths)} shards in {time.perf_counter() - t0:.1f} s")
     return 0

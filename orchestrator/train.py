@@ -178,17 +178,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     source = config["train_source"]  # orchestrator.dataplan.TrainSource, built by the driver
     multi = cfg.data.captions == "all"
 
-    def open_stream(e: int, intervals=None) -> EpochStream:
-        """This rank's stream of epoch e: its run of the epoch's plan, or `intervals` (a resume's)."""
-        mine = source.plan(e).worker_intervals(world)[rank] if intervals is None else intervals
+    def open_stream(e: int) -> EpochStream:
+        """This rank's stream of epoch e: the rest of its share when the checkpoint stopped inside e,
+        else its run of the epoch's plan."""
+        if data_pos is not None and data_pos.epoch == e:
+            mine = data_pos.for_workers(world)[rank]
+        else:
+            mine = source.plan(e).worker_intervals(world)[rank]
         return EpochStream(source, e, mine, local_bs, multi_caption=multi)
 
     # The first stream starts now, so that Ray Data's start-up and the first window's decode overlap
     # what comes before the first step (switches, DDP, the eval sets' decode on rank 0).
-    upcoming = None
-    if step < cfg.train.steps:
-        resuming = data_pos is not None and data_pos.epoch == epoch
-        upcoming = open_stream(epoch, data_pos.for_workers(world)[rank] if resuming else None).prefetch()
+    upcoming = open_stream(epoch).prefetch() if step < cfg.train.steps else None
     from llip_core.flops import train_step_flops
     from orchestrator.stepmetrics import StepClock, progress_line, resolve_peak_flops, step_metrics
     from orchestrator.switches import apply_switches
@@ -239,10 +240,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while not done:
         saw_batch = False
         resuming = data_pos is not None and data_pos.epoch == epoch  # the rest of the checkpoint's epoch
-        if upcoming is not None and upcoming.epoch == epoch:
-            stream = upcoming  # started near the end of the previous epoch
-        else:
-            stream = open_stream(epoch, data_pos.for_workers(world)[rank] if resuming else None)
+        # started before the first step, or near the end of the previous epoch
+        stream = upcoming if upcoming is not None and upcoming.epoch == epoch else open_stream(epoch)
         upcoming = None
         ahead = max(4 * local_bs, total(stream.intervals) // 4)  # positions left when the next epoch starts
         while True:
