@@ -259,7 +259,7 @@ def _tune_snapshots(fs, folder: str) -> list[str]:
                   if i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json"))
 
 
-def _await_tune_snapshot(cfg: ExperimentConfig, sweep_run_name: str, trial_id: str, timeout_s: float = 120.0) -> None:
+def _await_tune_snapshot(cfg: ExperimentConfig, sweep_run_name: str, trial_id: str, timeout_s: float = 120.0) -> bool:
     """Wait until Tune's saved trial table (experiment_state-*.json) lists this trial.
 
     A driver killed after a trial started but before Tune's next snapshot would, on restore, create
@@ -277,12 +277,13 @@ def _await_tune_snapshot(cfg: ExperimentConfig, sweep_run_name: str, trial_id: s
             if states:  # restore reads the newest too
                 with fs.open_input_stream(states[-1]) as f:
                     if trial_id.encode() in f.readall():
-                        return
+                        return True
         except OSError:
             pass  # a snapshot being replaced: read it again
         time.sleep(0.5)
     say(f"[llip] warning: Tune's saved state in {folder} still lacks trial {trial_id} after {timeout_s:.0f} s; "
         "if the sweep is resumed after a crash from here on, this trial may run again under a new id")
+    return False
 
 
 # -- the sweep -------------------------------------------------------------------------------------

@@ -109,13 +109,15 @@ def compile_towers(model: torch.nn.Module, allow_fallback: bool, warn: Callable[
 
 
 def apply_switches(task: torch.nn.Module, train_cfg, device: torch.device,
-                   warn: Callable[[str], None] = print, compile_backend="inductor") -> bool:
+                   warn: Callable[[str], None] = print, compile_backend="inductor",
+                   bf16_support: Optional[bool] = None) -> bool:
     """Set the model switches of `train_cfg` (an orchestrator.config.TrainSection) on `task.model`;
-    returns whether to autocast to bf16. Call before DDP wraps the task."""
+    returns whether to autocast to bf16. Call before DDP wraps the task. `bf16_support` overrides the
+    device's bf16 check (tests cover both answers on any CPU)."""
     model = task.model
     model.set_attention(train_cfg.attention)
     model.set_grad_checkpointing(train_cfg.grad_checkpointing)
-    bf16 = use_bf16(train_cfg.precision, device, train_cfg.allow_fallback, warn)
+    bf16 = use_bf16(train_cfg.precision, device, train_cfg.allow_fallback, warn, supported=bf16_support)
     if train_cfg.compile:
         compile_towers(model, train_cfg.allow_fallback, warn, backend=compile_backend)
     return bf16

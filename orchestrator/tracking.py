@@ -46,9 +46,24 @@ def existing_store_client(configured: Optional[str] = None):
     return client(uri), uri
 
 
-def experiment_id(c, name: str) -> str:
+def artifact_location(uri: str, name: str) -> Optional[str]:
+    """Where a new experiment's artifacts go: for a local sqlite store, `mlruns/<name>` beside the
+    database file; MLflow's own default (`./mlruns` in whatever folder the process started in)
+    would scatter artifacts over every working directory, a checkout's included. A server decides
+    for itself (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    import re
+
+    folder = Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns" / (re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "_")
+    return folder.as_uri()
+
+
+def experiment_id(c, name: str, uri: Optional[str] = None) -> str:
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp else c.create_experiment(name)
+    if exp:
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=artifact_location(uri or c.tracking_uri, name))
 
 
 def open_experiment(configured: Optional[str], name: str):
@@ -59,7 +74,7 @@ def open_experiment(configured: Optional[str], name: str):
     uri = resolve_tracking_uri(configured)
     try:
         c = client(uri)
-        return c, uri, experiment_id(c, name)
+        return c, uri, experiment_id(c, name, uri)
     except Exception as e:
         raise UserError(f"MLflow tracking store {uri} is not usable ({type(e).__name__}); "
                         "check MLFLOW_TRACKING_URI") from None

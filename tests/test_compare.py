@@ -6,6 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
+from orchestrator.tracking import experiment_id
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -19,7 +20,7 @@ TRIALS = [  # (K, loss type, final R@1 or None for a crashed trial)
 
 def make_sweep(uri: str) -> str:
     c = MlflowClient(uri)
-    exp = c.create_experiment("fake_sweep")
+    exp = experiment_id(c, "fake_sweep")
     parent = c.create_run(exp, run_name="fake_sweep-sweep", tags={
         "llip.sweep": "true", "llip.run_name": "fake_sweep-sweep",
         "llip.sweep.params": json.dumps(["model.mixture_tokens", "loss.type"]),

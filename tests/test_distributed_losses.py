@@ -62,6 +62,16 @@ def _init(rank, world_size, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
 
 
+def _finish(path, results):
+    """Save this rank's results and leave without tearing torch.distributed down: a DDP Reducer freed
+    at interpreter exit can deadlock in ~ProcessGroupGloo (it joins a gloo thread that waits for the
+    GIL the freeing thread holds; seen hanging a test until its timeout). Every rank passes the barrier
+    first, so no collective is cut short; exit code 0 is what start_processes checks."""
+    torch.save(results, path)
+    dist.barrier()
+    os._exit(0)
+
+
 def _feature_worker(rank, world_size, init_file, out_dir):
     import llip_core.losses as L
 
@@ -88,8 +98,7 @@ def _feature_worker(rank, world_size, init_file, out_dir):
         txt = {k: v[sl] for k, v in txt.items()}
         results[loss_type] = _run_loss(loss_type, img, txt, params, rank, world_size)
         results[f"{loss_type}.calls"] = {k: calls[k] - before[k] for k in calls}
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    _finish(os.path.join(out_dir, f"rank{rank}.pt"), results)
 
 
 def _spawn(fn, world_size, tmp_path, *args):
@@ -157,8 +166,7 @@ def _ddp_worker(rank, world_size, init_file, out_dir):
         loss.backward()
         dist.all_reduce(mean := loss.detach().clone())
         results[loss_type, pooling] = (mean / world_size, {n: p.grad for n, p in task.named_parameters()})
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    _finish(os.path.join(out_dir, f"rank{rank}.pt"), results)
 
 
 @pytest.mark.timeout(120)

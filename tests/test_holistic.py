@@ -260,7 +260,7 @@ def _run(loss_type, img, txt, params, mask, rank, world_size):
 
 
 def _worker(rank, world_size, init_file, out_dir):
-    from test_distributed_losses import _init
+    from test_distributed_losses import _finish, _init
     import torch.distributed as dist
 
     _init(rank, world_size, init_file)
@@ -271,8 +271,7 @@ def _worker(rank, world_size, init_file, out_dir):
         si, st = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL), slice(rank * B_LOCAL * M, (rank + 1) * B_LOCAL * M)
         results[loss_type] = _run(loss_type, {k: v[si] for k, v in img.items()},
                                   {k: v[st] for k, v in txt.items()}, params, mask[si], rank, world_size)
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    _finish(os.path.join(out_dir, f"rank{rank}.pt"), results)
 
 
 @pytest.mark.slow
@@ -300,7 +299,7 @@ def test_multi_caption_losses_on_gloo_ranks_equal_one_process(world_size, tmp_pa
 
 
 def _ddp_worker(rank, world_size, init_file, out_dir):
-    from test_distributed_losses import _init
+    from test_distributed_losses import _finish, _init
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -313,9 +312,7 @@ def _ddp_worker(rank, world_size, init_file, out_dir):
     loss = ddp(images[sl], tokens[sl], mask[sl])["loss"]
     loss.backward()
     dist.all_reduce(mean := loss.detach().clone())
-    torch.save((mean / world_size, {n: p.grad for n, p in task.named_parameters()}),
-               os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    _finish(os.path.join(out_dir, f"rank{rank}.pt"), (mean / world_size, {n: p.grad for n, p in task.named_parameters()}))
 
 
 def _task_batch(world_size):

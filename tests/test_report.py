@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import report
 from orchestrator.cli import main
+from orchestrator.tracking import experiment_id
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -39,7 +40,7 @@ def ref_std(xs):  # sample standard deviation, ddof = 1
 def make_sweep(uri, exp_name, trials, *, failed=()):
     """trials: [(config, seed, r1, fm)]; failed: [(config, seed)] recorded as FAILED runs."""
     c = MlflowClient(uri)
-    exp = c.create_experiment(exp_name)
+    exp = experiment_id(c, exp_name)
     parent = c.create_run(exp, run_name=f"{exp_name}-sweep", tags={
         "llip.sweep": "true", "llip.run_name": f"{exp_name}-sweep",
         "llip.sweep.params": json.dumps(["variant", "seed"]),
@@ -171,7 +172,7 @@ def test_unshared_and_single_seeds_reported_without_std(tmp_path, capsys):
 def test_not_a_sweep_is_one_line_error(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(uri)
-    exp = c.create_experiment("single")
+    exp = experiment_id(c, "single")
     rid = c.create_run(exp).info.run_id
     capsys.readouterr()
     assert main(["report", rid, "--tracking-uri", uri]) == 2

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_config
 from orchestrator.errors import UserError
+from orchestrator.tracking import experiment_id
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "experiments" / "sweep_demo.yaml"
@@ -177,7 +178,7 @@ def test_reconcile_makes_mlflow_agree_with_tune(tmp_path):
     from orchestrator.sweep import _reconcile
 
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = c.create_experiment("s")
+    exp = experiment_id(c, "s")
     parent = c.create_run(exp, tags={"llip.sweep": "true", "llip.run_name": "s-1"}).info.run_id
 
     def child(tid, status=None):

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_config, resolved_yaml
 from orchestrator.errors import UserError
+from orchestrator.tracking import experiment_id
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, CKPT_EVERY = 30, 10
@@ -184,7 +185,7 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(emoji_shards, cli
 # -- no cluster needed ---------------------------------------------------------------------------
 def _store(tmp_path):
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return c, c.create_experiment("sweep_resume")
+    return c, experiment_id(c, "sweep_resume")
 
 
 def _parent(c, exp, name, cfg=None, status=None):
@@ -362,8 +363,8 @@ def test_tune_snapshot_wait_returns_once_the_trial_is_recorded(tmp_path):
     threading.Timer(1.0, lambda: (folder / "experiment_state-2026-01-01_00-00-05.json").write_text(
         json.dumps({"trial_data": ["abc_00000", "abc_00001"]}))).start()
     t0 = time.monotonic()
-    _await_tune_snapshot(cfg, "s-1", "abc_00001", timeout_s=20)
-    assert 0.9 < time.monotonic() - t0 < 10
+    assert _await_tune_snapshot(cfg, "s-1", "abc_00001", timeout_s=60) is True  # found, not timed out
+    assert time.monotonic() - t0 > 0.9  # not before the snapshot listing it was written
     t0 = time.monotonic()
-    _await_tune_snapshot(cfg, "s-1", "abc_00009", timeout_s=1.5)  # never recorded: gives up with a warning
+    assert _await_tune_snapshot(cfg, "s-1", "abc_00009", timeout_s=1.5) is False  # never recorded: gives up
     assert time.monotonic() - t0 >= 1.5
