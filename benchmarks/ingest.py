@@ -1,7 +1,7 @@
 """Ingest throughput: the Ray Data pipeline vs a plain `webdataset` + torch DataLoader loader.
 
 Both read the same WebDataset shards (real Twemoji data, built here unless --shards is given) and
-run the SAME decode + preprocessing + tokenization code (orchestrator.data.Decoder, which calls
+run the SAME decode + preprocessing + tokenization code (orchestrator.data.decode.Decoder, which calls
 llip_core.preprocess, with the tokenizer a real run of the tiny size builds: CLIP BPE over the compact
 vocabulary of these shards' captions) with the same number of parallel decode workers, and both hand
 out torch batches. Both are measured at each of --workers (default 1 and 2 decode tasks) so scaling is
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def build_shards(samples_per_shard: int) -> Path:
-    from orchestrator.shards import write_emoji_shards
+    from orchestrator.data.shards import write_emoji_shards
 
     out = Path(tempfile.mkdtemp(prefix="llip-ingest-"))
     write_emoji_shards(str(out), samples_per_shard=samples_per_shard, seed=0)
@@ -44,11 +44,11 @@ def build_shards(samples_per_shard: int) -> Path:
 
 def make_decoder(image_size: int, augment: bool, urls: list[str]):
     """The decoder a real run of the tiny size builds: CLIP BPE with the compact vocabulary read from
-    these shards' captions (orchestrator.tokenization, as the driver does before training)."""
+    these shards' captions (orchestrator.training.tokenization, as the driver does before training)."""
     from llip_core.config import SIZES
     from llip_core.tokenizer import build_compact_spec, build_tokenizer, tokenizer_spec
-    from orchestrator.data import Decoder
-    from orchestrator.tokenization import shard_captions
+    from orchestrator.data.decode import Decoder
+    from orchestrator.training.tokenization import shard_captions
 
     tiny = SIZES["tiny"]
     spec = build_compact_spec(tokenizer_spec(tiny.tokenizer, tiny.context_length, tiny.vocab_size, tiny.vocab),
@@ -87,11 +87,12 @@ def plain_loader(urls: list[str], decoder, batch_size: int, workers: int):
                                        prefetch_factor=2 if workers > 0 else None)
 
 
-# ---- Ray Data pipeline: what each training worker builds per epoch (orchestrator/dataplan.py) ----
+# ---- Ray Data pipeline: what each training worker builds per epoch (orchestrator/data/plan.py) ----
 def ray_dataset(urls: list[str], decoder, workers: int, decode_cpus: float, window: int = 2048):
     """The whole epoch's plan (one worker): read tasks per shuffle window of `window` samples, in
     plan order, fused with the decoder."""
-    from orchestrator.dataplan import TrainSource, shard_counts
+    from orchestrator.data.plan import TrainSource
+    from orchestrator.data.sizes import shard_counts
 
     counts = shard_counts(str(Path(urls[0]).parent), urls, None)
     src = TrainSource(location="bench", paths=tuple(urls), counts=tuple(counts), fs=None, seed=0, window=window,

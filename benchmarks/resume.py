@@ -1,6 +1,6 @@
 """Resume cost: how long until a worker has its first batch after resuming mid-epoch.
 
-A resumed worker builds its stream from the checkpoint's position (orchestrator/dataplan.py): it
+A resumed worker builds its stream from the checkpoint's position (orchestrator/data/plan.py): it
 reads the shuffle window that holds that position, then carries on. This measures, on one worker
 with the training decoder (uint8 images, CLIP BPE over the shards' compact vocabulary):
   start    first batch at the start of an epoch (the cost of any epoch's first batch)
@@ -42,12 +42,13 @@ def main() -> None:
     import ray
 
     from benchmarks.ingest import make_decoder
-    from orchestrator.dataplan import EpochStream, TrainSource, shard_counts
+    from orchestrator.data.plan import EpochStream, TrainSource
+    from orchestrator.data.sizes import shard_counts
 
     root = Path(__file__).resolve().parents[1]
     shard_dir = Path(args.shards) if args.shards else root / "data" / "emoji" / "train"
     if not shard_dir.exists():
-        from orchestrator.shards import write_emoji_shards
+        from orchestrator.data.shards import write_emoji_shards
 
         out = tempfile.mkdtemp(prefix="llip-resume-")
         write_emoji_shards(out, samples_per_shard=256, seed=0)

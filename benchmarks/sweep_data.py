@@ -1,4 +1,4 @@
-"""A 4-trial sweep with and without the shared data pass (orchestrator/datacache.py): CPU seconds
+"""A 4-trial sweep with and without the shared data pass (orchestrator/data/shared_decode.py): CPU seconds
 spent reading and decoding training data, and wall time.
 
 The sweep is experiments/sweep_demo.yaml's grid (K x loss type, tau drawn per trial: 4 trials, tiny
@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 def run(mode: str, args, work: Path) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.config import load_config
-    from orchestrator.sweep import run_sweep
+    from orchestrator.config.schema import load_config
+    from orchestrator.sweeps.tune import run_sweep
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     cfg = load_config(ROOT / "experiments" / "sweep_demo.yaml").with_overrides({

@@ -1,6 +1,6 @@
 """Training-step throughput: our CLIP, SigLIP and Llip (K = 8, 32, 64) against a literal reference.
 
-One training step = forward of both towers, the loss, backward, AdamW step, as `orchestrator.train`
+One training step = forward of both towers, the loss, backward, AdamW step, as `orchestrator.training.worker`
 runs it (llip_core.task.Task). All variants share one model size (below) and batch, float32 on the
 CPU (or bf16 autocast on a GPU with --device cuda). The "literal reference" is the same model
 scored as the official Llip code formulates it: every (image, text) pair's conditioned embedding
@@ -56,7 +56,7 @@ def build(size: str, loss: str, extra: dict, literal: bool, device: str, compile
     # the YAML's switches (train.grad_checkpointing, train.compile), applied as a run applies them
     task.model.set_grad_checkpointing(grad_checkpointing)
     if compile_:
-        from orchestrator.switches import compile_towers
+        from orchestrator.training.switches import compile_towers
 
         compile_towers(task.model, allow_fallback=True, warn=print)
     opt = torch.optim.AdamW(task.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.2)

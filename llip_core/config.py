@@ -39,7 +39,7 @@ class ModelConfig:
     # "multi_cls" (Holistic CLIP): M class tokens that do not attend to each other, one embedding each
     # through the shared projection; ignored by the other poolings, as mixture_tokens is by "cls".
     branches: int = 1
-    init_std: float | None = None  # None: CLIP's width-scaled init (learns at once; see DESIGN.md)
+    init_std: float | None = None  # None: CLIP's width-scaled init (learns at once; docs/architecture.md, section 6)
     activation: Literal["quick_gelu", "gelu"] = "quick_gelu"  # MLP activation; every released Llip config: quick_gelu
     kqv_norm: bool = False  # LayerNorm(D) on Llip keys, values and queries (`use_norm`, released H/14 and G/14)
 

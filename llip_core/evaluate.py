@@ -153,7 +153,7 @@ def class_text_features(model, class_names: Sequence[str], templates: Sequence, 
 
     Templates: format strings with "{c}" (clip_benchmark) or "{}" (open_clip), or callables
     name -> prompt. Text embeddings are averaged after normalisation and renormalised (CLIP); Llip's
-    queries are averaged too, so each class's mean query conditions the image (DESIGN.md section 2)."""
+    queries are averaged too, so each class's mean query conditions the image (docs/architecture.md, section 4)."""
     prompts = [format_prompt(t, c) for c in class_names for t in templates]
     tokens = torch.as_tensor(tokenizer(prompts), device=device)
     feats = _encode(model.encode_text, tokens, batch_size)

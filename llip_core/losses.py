@@ -432,7 +432,7 @@ class InfoNCELoss(nn.Module):
 
 
 LOSS_TYPES = ("clip", "siglip", "llip", "llip_infonce", "holistic")
-# (initial log logit scale, initial logit bias or None): DESIGN.md section 2
+# (initial log logit scale, initial logit bias or None): docs/architecture.md, section 4
 LOSS_INITS = {
     "clip": (math.log(1 / 0.07), None),
     # open_clip's SigLIP configs and Llip's own SigLIP baseline; the SigLIP paper's init is

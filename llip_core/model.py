@@ -5,7 +5,7 @@ are prepended to the patch tokens, each with its own positional embedding, and `
 the K outputs only. For "cls" one class token is prepended (CLIP/SigLIP baselines).
 Text tower: a causal pre-LN transformer pooled at the first end-of-text token.
 
-Llip scoring (DESIGN.md section 2): per-mixture-token key/value projections `k_proj, v_proj: (K, width,
+Llip scoring (docs/architecture.md, section 4): per-mixture-token key/value projections `k_proj, v_proj: (K, width,
 D)` give K_i, V_i (K x D, split into H heads); the text's EOT state gives a query `Q = h_t @ q_proj` and,
 through a *separate* projection, the text embedding. The text-conditioned image embedding is
 `z_ij = concat_h(softmax_K(<K_i, Q_j> / tau) V_i) @ out_proj`, computed by `losses.llip_pair_logits`.

@@ -1,5 +1,6 @@
-"""`llip` command line. Each subcommand lives in its own module with `add_args(parser)` and
-`cli(args) -> int`; modules import ray/mlflow lazily so `llip --help` and `llip validate` are fast."""
+"""`llip` command line: parses and dispatches, nothing more. Each command's logic lives in its stage's
+module (docs/architecture.md), which has `add_args(parser)` and `cli(args) -> int`; modules import
+ray/mlflow lazily so `llip --help` and `llip validate` are fast."""
 from __future__ import annotations
 
 import argparse
@@ -11,25 +12,25 @@ from orchestrator.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "init": ("orchestrator.init_cli", "write a starter experiments/ folder inheriting the shipped defaults"),
-    "validate": ("orchestrator.config_cli", "validate experiment YAML files against the schema"),
-    "run": ("orchestrator.driver", "train one experiment on a Ray cluster (local by default)"),
-    "sweep": ("orchestrator.sweep", "run the experiment's sweep: section with Ray Tune"),
-    "eval": ("orchestrator.evaluation", "zero-shot and retrieval on eval sets for a run or a checkpoint; logs to MLflow"),
-    "compare": ("orchestrator.compare", "table of a sweep's trials from MLflow, sorted by its metric"),
-    "report": ("orchestrator.report", "a sweep's configurations over seeds (mean, std, n; paired vs a baseline) as report/ on its parent run"),
-    "submit": ("orchestrator.jobs", "submit a run or sweep to a remote Ray cluster as a Ray job"),
-    "shards": ("orchestrator.shards", "write WebDataset shards (local or s3://) from a data source"),
-    "sizes": ("orchestrator.sizes", "count existing shards' samples once into a sizes.json beside them (open_clip's format)"),
-    "metadata": ("orchestrator.metadata", "build a MetaCLIP-format metadata list (WordNet + word lists)"),
-    "curate": ("orchestrator.curate", "MetaCLIP-curate the experiment's data.train (its curation: section)"),
+    "init": ("orchestrator.config.starter", "write a starter experiments/ folder inheriting the shipped defaults"),
+    "validate": ("orchestrator.config.validate", "validate experiment YAML files against the schema"),
+    "run": ("orchestrator.training.driver", "train one experiment on a Ray cluster (local by default)"),
+    "sweep": ("orchestrator.sweeps.tune", "run the experiment's sweep: section with Ray Tune"),
+    "eval": ("orchestrator.evaluation.standalone", "zero-shot and retrieval on eval sets for a run or a checkpoint; logs to MLflow"),
+    "compare": ("orchestrator.tracking.compare", "table of a sweep's trials from MLflow, sorted by its metric"),
+    "report": ("orchestrator.tracking.report", "a sweep's configurations over seeds (mean, std, n; paired vs a baseline) as report/ on its parent run"),
+    "submit": ("orchestrator.jobs.submit", "submit a run or sweep to a remote Ray cluster as a Ray job"),
+    "shards": ("orchestrator.data.shards", "write WebDataset shards (local or s3://) from a data source"),
+    "sizes": ("orchestrator.data.sizes", "count existing shards' samples once into a sizes.json beside them (open_clip's format)"),
+    "metadata": ("orchestrator.curation.metadata", "build a MetaCLIP-format metadata list (WordNet + word lists)"),
+    "curate": ("orchestrator.curation.curate", "MetaCLIP-curate the experiment's data.train (its curation: section)"),
 }
 
 
 class _VersionAction(argparse.Action):
     # Computed only when asked: the commit lookup runs git.
     def __call__(self, parser, namespace, values, option_string=None):
-        from orchestrator.tracking import git_commit, package_version
+        from orchestrator.tracking.store import git_commit, package_version
 
         commit = git_commit()
         print(f"llip-orch {package_version()}" + (f" (commit {commit})" if commit != "unknown" else ""))

@@ -1,4 +1,5 @@
-"""What the driver's console shows of Ray's worker output.
+"""What the driver's console shows of Ray's worker output, and `say`, the print that Ray Train does
+not double.
 
 Ray forwards every worker's stdout/stderr to the driver. Most of it at INFO is Ray Train repeating
 each report's metrics dict and Ray Data's per-execution banners, which bury llip's own progress
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 # Informational lines from Ray that repeat per report or per dataset execution.
 _NOISE = re.compile(
@@ -86,3 +88,8 @@ def quiet_worker_logs() -> bool:
                 disp.handlers[i] = (name, quiet)
                 return True
     return False
+
+
+def say(msg: str) -> None:
+    """Print once: Ray Train patches print() to tee into its logger, which doubles every line."""
+    print(msg, file=sys.__stdout__, flush=True)

@@ -27,7 +27,7 @@ def machine_line() -> str:
         pass
     wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
     have = " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in wanted)
-    from orchestrator.switches import bf16_supported
+    from orchestrator.training.switches import bf16_supported
 
     return (f"machine: {model}, {os.cpu_count()} cores; {have}; torch {torch.__version__} kernels "
             f"{torch.backends.cpu.get_cpu_capability()}, bf16 kernels "
@@ -93,7 +93,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def emoji_shards(tmp_path_factory):
     """Real demo data (Twemoji + Unicode names) as local WebDataset shards, built once per session."""
-    from orchestrator.shards import write_emoji_shards
+    from orchestrator.data.shards import write_emoji_shards
 
     out = tmp_path_factory.mktemp("emoji")
     write_emoji_shards(str(out), samples_per_shard=512, seed=0)

@@ -103,7 +103,7 @@ def rayjob():
 def test_rayjob_manifest(rayjob):
     import ray
 
-    from orchestrator.config import load_config
+    from orchestrator.config.schema import load_config
 
     assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
     spec = rayjob["spec"]
@@ -117,7 +117,7 @@ def test_rayjob_manifest(rayjob):
     cfg = load_config(exp)
     assert argv[3] != "sweep" or cfg.sweep is not None
     # ...with its data and storage on S3, since pods share no local disk.
-    from orchestrator.driver import parse_overrides
+    from orchestrator.config.schema import parse_overrides
 
     cfg = cfg.with_overrides(parse_overrides([argv[i + 1] for i, a in enumerate(argv) if a == "--set"]))
     assert all(v.startswith("s3://") for v in (cfg.data.train, cfg.data.eval, cfg.storage_path))

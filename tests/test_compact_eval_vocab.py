@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import load_config
+from orchestrator.config.schema import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
@@ -12,8 +12,8 @@ FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 @pytest.mark.skipif(not FASHION.exists(), reason="Debian's dataset-fashion-mnist is not installed (make test installs it)")
 def test_unseen_class_words_keep_their_own_ids(emoji_shards, tmp_path):
     from llip_core.tokenizer import UNK, build_tokenizer
-    from orchestrator.evalsets import write_fashion_mnist
-    from orchestrator.tokenization import run_tokenizer_spec
+    from orchestrator.data.evalsets import write_fashion_mnist
+    from orchestrator.training.tokenization import run_tokenizer_spec
 
     fm = tmp_path / "fashion_mnist"
     write_fashion_mnist(str(fm), limit=20)
@@ -35,8 +35,8 @@ def test_unseen_class_words_keep_their_own_ids(emoji_shards, tmp_path):
 def test_held_out_caption_words_keep_their_own_ids(emoji_shards):
     """Held-out emoji names (data.eval) are distinguishable as under full BPE."""
     from llip_core.tokenizer import UNK, build_tokenizer
-    from orchestrator.evalsets import inspect_set, iter_targets
-    from orchestrator.tokenization import run_tokenizer_spec
+    from orchestrator.data.evalsets import inspect_set, iter_targets
+    from orchestrator.training.tokenization import run_tokenizer_spec
 
     base = load_config(ROOT / "experiments" / "smoke.yaml").with_overrides(
         {"data.train": str(emoji_shards / "train"), "data.eval": None, "eval.sets": []})

@@ -6,7 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.tracking import experiment_id
+from orchestrator.tracking.store import experiment_id
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, load_config
+from orchestrator.config.schema import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -25,7 +25,7 @@ def llip(*args, cwd=ROOT):
 def test_every_experiment_validates(path):
     cfg = load_config(path)
     assert cfg.name
-    # The header comment says how to launch it (DESIGN.md: each file opens with what, how, cost).
+    # The header comment says how to launch it (docs/architecture.md: each file opens with what, how, cost).
     assert path.read_text().startswith("#")
 
 
@@ -109,7 +109,7 @@ def test_cli_validate_exit_codes_and_one_line_errors(tmp_path):
 def test_overrides_keep_explicit_nulls():
     """A later override must not resurrect a default the user set to null (data.eval: null would
     otherwise evaluate on data/emoji/eval again, or fail on a machine without it)."""
-    from orchestrator.config import load_config
+    from orchestrator.config.schema import load_config
 
     cfg = load_config(ROOT / "experiments" / "smoke.yaml").with_overrides({"data.eval": None})
     again = cfg.with_overrides({"model.vocab_size": 123}).with_overrides({"train.steps": 3})

@@ -41,7 +41,7 @@ def test_filter_batch_keeps_fields_and_drops_empty_batches():
 
 def test_eval_line_and_natural_order():
     from orchestrator.console import natural_key
-    from orchestrator.train import eval_line
+    from orchestrator.training.worker import eval_line
 
     assert sorted(["top1_tau10", "top1_tau3", "top1_tau1"], key=natural_key) == ["top1_tau1", "top1_tau3", "top1_tau10"]
     line = eval_line(50, {"eval/recall1": 0.123, "eval/i2t_recall1": 0.5, "eval/fashion_mnist/top1_tau10": 0.1,

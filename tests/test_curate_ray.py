@@ -14,8 +14,8 @@ import pytest
 
 from llip_core import curation as cur
 from orchestrator.cli import main as llip_main
-from orchestrator.config import parse_config
-from orchestrator.data import sample_id
+from orchestrator.config.schema import parse_config
+from orchestrator.data.reading import sample_id
 from orchestrator.errors import UserError
 
 try:
@@ -41,7 +41,7 @@ def ray_local(moto_s3):  # noqa: F811  (after the AWS env is set, so workers inh
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    from orchestrator.shards import write_emoji_shards
+    from orchestrator.data.shards import write_emoji_shards
 
     root = tmp_path_factory.mktemp("pool")
     write_emoji_shards(str(root / "emoji"), **SHARD_ARGS)
@@ -112,8 +112,8 @@ def _curated(out: Path):
 
 
 def test_offline_matches_reference_and_ignores_partitioning(pool, ray_local, tmp_path):
-    from orchestrator.curate import run_curation
-    from orchestrator.tracking import client
+    from orchestrator.curation.curate import run_curation
+    from orchestrator.tracking.store import client
 
     ref = _reference(pool, t=3, seed=0)
     s1 = run_curation(_cfg(pool, tmp_path / "a"), log=lambda s: None)
@@ -140,7 +140,7 @@ def test_offline_matches_reference_and_ignores_partitioning(pool, ray_local, tmp
 
 
 def test_online_writes_every_match_with_its_keep_probability(pool, ray_local, tmp_path):
-    from orchestrator.curate import run_curation
+    from orchestrator.curation.curate import run_curation
 
     ref = _reference(pool, t=3, seed=0)
     s = run_curation(_cfg(pool, tmp_path / "on", mode="online"), log=lambda s: None)
@@ -152,8 +152,8 @@ def test_online_writes_every_match_with_its_keep_probability(pool, ray_local, tm
 
 
 def test_online_training_stream_resamples_each_epoch(pool, ray_local, tmp_path):
-    from orchestrator.curate import run_curation
-    from orchestrator.dataplan import build_train_source
+    from orchestrator.curation.curate import run_curation
+    from orchestrator.data.plan import build_train_source
 
     cfg = _cfg(pool, tmp_path / "on2", t=2, mode="online")
     s = run_curation(cfg, log=lambda s: None)
@@ -169,7 +169,8 @@ def test_online_training_stream_resamples_each_epoch(pool, ray_local, tmp_path):
 
 
 def test_s3_source_and_output_give_the_same_shards(pool, ray_local, moto_s3, tmp_path):  # noqa: F811
-    from orchestrator.curate import read_stats, run_curation
+    from orchestrator.curation.provenance import read_stats
+    from orchestrator.curation.curate import run_curation
 
     moto_s3.create_bucket("cur")
     assert llip_main(["shards", "emoji", "--out", "s3://cur/emoji", "--limit", str(SHARD_ARGS["limit"]),
@@ -183,9 +184,9 @@ def test_s3_source_and_output_give_the_same_shards(pool, ray_local, moto_s3, tmp
 
 
 def test_training_run_records_its_curation(pool, ray_local, tmp_path):
-    from orchestrator.curate import run_curation
-    from orchestrator.driver import preflight, run_experiment
-    from orchestrator.tracking import client
+    from orchestrator.curation.curate import run_curation
+    from orchestrator.training.driver import preflight, run_experiment
+    from orchestrator.tracking.store import client
 
     cfg = _cfg(pool, tmp_path / "tr")
     with pytest.raises(UserError, match="nothing was curated yet.*llip curate"):
@@ -217,7 +218,7 @@ def _seed_keeping_nothing(pool: Path, entry: str) -> int:
 
 
 def test_bad_input_fails_in_one_line_without_writing(pool, ray_local, tmp_path, capsys):
-    from orchestrator.curate import run_curation
+    from orchestrator.curation.curate import run_curation
 
     cfg = _cfg(pool, tmp_path / "none")
     nomatch = tmp_path / "nomatch.json"

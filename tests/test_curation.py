@@ -1,5 +1,5 @@
 """MetaCLIP curation math (llip_core.curation) against references written here from the rules in
-DESIGN.md section 2, plus metadata files and the config section. No Ray."""
+docs/architecture.md section 4, plus metadata files and the config section. No Ray."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from llip_core import curation as cur
 from orchestrator.cli import main as llip_main
-from orchestrator.config import ConfigError, parse_config
+from orchestrator.config.schema import ConfigError, parse_config
 from orchestrator.errors import UserError
-from orchestrator.metadata import build_metadata, load_metadata
+from orchestrator.curation.metadata import build_metadata, load_metadata
 
 
 # -- independent references -----------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_online_epoch_sampling_rate_and_freshness():
 
 
 def test_decoder_online_keep_reads_stored_probability():
-    from orchestrator.data import _kept_online
+    from orchestrator.data.decode import _kept_online
 
     js1 = json.dumps({"captions": ["x"], "keep_prob": 1.0}).encode()
     js0 = json.dumps({"captions": ["x"], "keep_prob": 0.0}).encode()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main as llip_main
-from orchestrator.config import parse_config
+from orchestrator.config.schema import parse_config
 from orchestrator.errors import UserError
 try:
     from tests.s3server import SECRET_KEY, closed_port, moto_s3  # noqa: F401  (fixture)
@@ -95,7 +95,7 @@ def test_cli_writes_shards_and_manifest_to_s3(s3_shards, moto_s3, tmp_path):  # 
     assert [s["samples"] for s in m["splits"]["train"]["shards"]] == [16] * 8
     assert len(m["fingerprint"]) == 16
     # the same shards written locally are byte-identical: same content fingerprint
-    from orchestrator.shards import write_emoji_shards
+    from orchestrator.data.shards import write_emoji_shards
 
     local = write_emoji_shards(str(tmp_path / "local"), samples_per_shard=16, seed=0, holdout=0.2,
                                limit=N_TRAIN + N_EVAL)
@@ -104,8 +104,8 @@ def test_cli_writes_shards_and_manifest_to_s3(s3_shards, moto_s3, tmp_path):  # 
 
 @pytest.mark.timeout(60)
 def test_redacted_description_has_no_secret(moto_s3):  # noqa: F811
-    from orchestrator import s3
-    from orchestrator.data import manifest_tags
+    from orchestrator.storage import s3
+    from orchestrator.training.driver import manifest_tags
 
     text = s3.redacted(None)
     assert moto_s3.endpoint_url in text and "credentials=env" in text
@@ -123,8 +123,8 @@ def test_two_worker_trainer_sees_every_sample_once_per_epoch(s3_shards, moto_s3,
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.data import DataStats, sample_id
-    from orchestrator.dataplan import build_train_source
+    from orchestrator.data.reading import DataStats, sample_id
+    from orchestrator.data.plan import build_train_source
 
     cfg = _cfg(f"{EMOJI}/train", f"{EMOJI}/eval")  # endpoint: AWS_ENDPOINT_URL, as for any S3 store
     stats = DataStats.create()
@@ -137,7 +137,7 @@ def test_two_worker_trainer_sees_every_sample_once_per_epoch(s3_shards, moto_s3,
 
         import ray.train
 
-        from orchestrator.dataplan import EpochStream
+        from orchestrator.data.plan import EpochStream
 
         rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
         src = config["source"]
@@ -191,7 +191,7 @@ def _png_bytes(seed: int) -> bytes:
 def _bad_shards(client, prefix: str, n_good: int) -> tuple[int, int]:
     """Two shards: one with good samples + a corrupt image + a sample without caption; one
     truncated in the middle of an image. Returns (good samples readable, cut sample index)."""
-    from orchestrator.shards import encode_sample, tar_bytes
+    from orchestrator.data.tars import encode_sample, tar_bytes
 
     s1 = [encode_sample(f"a{i:04d}", _png_bytes(i), "png", [f"a thing number {i}"]) for i in range(n_good)]
     s1.insert(3, encode_sample("a-corrupt", b"\x89PNG\r\n\x1a\n this is not a png", "png", ["corrupt"]))
@@ -210,8 +210,8 @@ def _bad_shards(client, prefix: str, n_good: int) -> tuple[int, int]:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_bad_samples_and_truncated_tar_are_skipped_and_counted(s3_shards, moto_s3, ray_local):  # noqa: F811
-    from orchestrator.data import DataStats, check_bad_fraction
-    from orchestrator.dataplan import build_train_source
+    from orchestrator.data.reading import DataStats, check_bad_fraction
+    from orchestrator.data.plan import build_train_source
 
     n_readable, _ = _bad_shards(moto_s3.client(), "bad", n_good=20)
     stats = DataStats.create()
@@ -238,7 +238,7 @@ def test_bad_samples_and_truncated_tar_are_skipped_and_counted(s3_shards, moto_s
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("url", ["s3://no-such-bucket-llip/x/train", f"s3://{BUCKET}/no/such/prefix"])
 def test_missing_bucket_or_prefix_fails_fast_naming_the_url(s3_shards, url):
-    from orchestrator.dataplan import build_train_source
+    from orchestrator.data.plan import build_train_source
 
     with pytest.raises(UserError) as e:
         build_train_source(_cfg(url), None)
@@ -249,7 +249,7 @@ def test_missing_bucket_or_prefix_fails_fast_naming_the_url(s3_shards, url):
 
 @pytest.mark.timeout(60)
 def test_unreachable_endpoint_fails_fast_naming_the_url(moto_s3):  # noqa: F811  (for its credentials)
-    from orchestrator.dataplan import build_train_source
+    from orchestrator.data.plan import build_train_source
 
     endpoint = f"http://127.0.0.1:{closed_port()}"
     url = f"s3://{BUCKET}/emoji/train"

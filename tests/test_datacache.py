@@ -1,4 +1,4 @@
-"""Sweeps decode once (orchestrator/datacache.py): the shared pass's windows, read back by a trial's
+"""Sweeps decode once (orchestrator/data/shared_decode.py): the shared pass's windows, read back by a trial's
 workers, give exactly the batches direct decoding gives (ids, pixels, tokens, positions), with a
 local and an S3 cache root on a real S3-compatible server; each window is decoded once however many
 readers ask; a dead producer makes readers decode the window themselves, same batches; and the
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.config import load_config, parse_config
-from orchestrator.dataplan import EpochStream
+from orchestrator.config.schema import load_config, parse_config
+from orchestrator.data.plan import EpochStream
 
 try:
     from tests.s3server import moto_s3  # noqa: F401  (fixture)
@@ -37,8 +37,8 @@ def _cfg(train: str, **data):
 # no Ray
 # --------------------------------------------------------------------------------------------
 def test_key_follows_the_data_settings_only(emoji_shards):
-    from orchestrator.datacache import data_key
-    from orchestrator.dataplan import build_train_source
+    from orchestrator.data.shared_decode import data_key
+    from orchestrator.data.plan import build_train_source
 
     base = _cfg(str(emoji_shards / "train"))
     k = data_key(build_train_source(base, None))
@@ -53,11 +53,11 @@ def test_key_follows_the_data_settings_only(emoji_shards):
 
 
 def test_cache_estimate_over_budget_turns_the_pass_off_in_one_line(emoji_shards, capsys):
-    from orchestrator.datacache import bytes_per_sample, cache_bytes, epochs_needed, start_shared_data
+    from orchestrator.data.shared_decode import bytes_per_sample, cache_bytes, epochs_needed, start_shared_data
 
     cfg = load_config(ROOT / "experiments" / "sweep_demo.yaml").with_overrides(
         {"data.train": str(emoji_shards / "train"), "train.steps": 200, "sweep.shared_data.max_gb": 0.001})
-    from orchestrator.dataplan import build_train_source
+    from orchestrator.data.plan import build_train_source
 
     n = sum(build_train_source(cfg, None).counts)
     per_epoch = n // 64  # sweep_demo: 1 worker, batch 64
@@ -92,7 +92,7 @@ def ray_local(moto_s3):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def shards(moto_s3, tmp_path_factory):  # noqa: F811
-    from orchestrator.shards import write_emoji_shards
+    from orchestrator.data.shards import write_emoji_shards
 
     moto_s3.create_bucket(BUCKET)
     root = str(tmp_path_factory.mktemp("cache-shards"))
@@ -117,7 +117,7 @@ def same_batches(a, b):
 
 
 def _attach(src, cfg, name, root, fs):
-    from orchestrator.datacache import _registry_cls, attach
+    from orchestrator.data.shared_decode import _registry_cls, attach
 
     registry = _registry_cls().options(name=name).remote(name, root, fs, 1e9)
     out = attach(src, cfg, {"registry": name})
@@ -131,9 +131,9 @@ def _attach(src, cfg, name, root, fs):
 def test_cached_batches_equal_decoded_batches(ray_local, shards, tmp_path, where, moto_s3):  # noqa: F811
     import ray
 
-    from orchestrator.data import DataStats
-    from orchestrator.datacache import split_root
-    from orchestrator.dataplan import build_train_source
+    from orchestrator.data.reading import DataStats
+    from orchestrator.data.shared_decode import split_root
+    from orchestrator.data.plan import build_train_source
 
     cfg = _cfg(f"{shards}/train", augment=True, hflip=True)
     direct = build_train_source(cfg, None, DataStats.create())
@@ -169,7 +169,7 @@ def test_a_stopped_reader_stops_the_producer(ray_local, shards, tmp_path):
 
     import ray
 
-    from orchestrator.dataplan import build_train_source
+    from orchestrator.data.plan import build_train_source
 
     cfg = _cfg(f"{shards}/train", shuffle_buffer=0, decode_concurrency=1)  # 8 windows of one shard (16)
     cached, registry = _attach(build_train_source(cfg, None), cfg, "reg-stop", str(tmp_path / "cache"), None)
@@ -190,8 +190,8 @@ def test_a_stopped_reader_stops_the_producer(ray_local, shards, tmp_path):
 def test_dead_producer_readers_decode_themselves(ray_local, shards, tmp_path):
     import ray
 
-    from orchestrator.data import DataStats
-    from orchestrator.dataplan import build_train_source
+    from orchestrator.data.reading import DataStats
+    from orchestrator.data.plan import build_train_source
 
     cfg = _cfg(f"{shards}/train")
     direct = build_train_source(cfg, None)

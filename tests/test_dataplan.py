@@ -1,4 +1,4 @@
-"""The training stream as a plan (orchestrator/dataplan.py): exact mid-epoch resume and elastic
+"""The training stream as a plan (orchestrator/data/plan.py): exact mid-epoch resume and elastic
 resume, checked on real shards (local and on a real S3-compatible server) through real Ray Data.
 
 Pure checks first (the plan's permutations, contiguous equal splits, what a checkpoint's position
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.config import parse_config
-from orchestrator.dataplan import DataPosition, EpochPlan, EpochStream, after, split, total
+from orchestrator.config.schema import parse_config
+from orchestrator.data.plan import DataPosition, EpochPlan, EpochStream, after, split, total
 
 try:
     from tests.s3server import moto_s3  # noqa: F401  (fixture)
@@ -96,9 +96,9 @@ def test_counts_come_from_the_manifest_sizes_json_img2dataset_stats_or_the_tars(
     from pathlib import Path
 
     from orchestrator.cli import main as llip_main
-    from orchestrator.data import resolve_shards
-    from orchestrator.dataplan import shard_counts
-    from orchestrator.shards import write_emoji_shards
+    from orchestrator.data.reading import resolve_shards
+    from orchestrator.data.sizes import shard_counts
+    from orchestrator.data.shards import write_emoji_shards
 
     if where == "s3":
         moto_s3.create_bucket("llip-sizes")
@@ -144,8 +144,8 @@ def ray_local(moto_s3):  # noqa: F811  (after the AWS env is set)
 
 @pytest.fixture(scope="module", params=["local", "s3"])
 def source(request, moto_s3, tmp_path_factory, ray_local):  # noqa: F811
-    from orchestrator.dataplan import build_train_source
-    from orchestrator.shards import write_emoji_shards
+    from orchestrator.data.plan import build_train_source
+    from orchestrator.data.shards import write_emoji_shards
 
     if request.param == "s3":
         moto_s3.create_bucket(BUCKET)

@@ -12,8 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import ROOT
 from orchestrator.cli import main as llip_main
-from orchestrator.config import ConfigError, load_config, parse_config
-from orchestrator.evalsets import CLASSIFICATION, inspect_set, load_set, write_eval_set
+from orchestrator.config.schema import ConfigError, load_config, parse_config
+from orchestrator.data.evalsets import CLASSIFICATION, inspect_set, load_set, write_eval_set
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -59,7 +59,8 @@ def _toy_sets(root: Path):
 def _checkpoint(tmp_path: Path, step: int = 7) -> tuple[Path, object]:
     from llip_core.task import build_task
     from llip_core.tokenizer import build_compact_spec
-    from orchestrator.tokenization import with_vocab_size, yaml_spec
+    from orchestrator.training.tokenization import with_vocab_size
+    from orchestrator.config.schema import yaml_spec
 
     cfg = parse_config({"name": "evaltoy", "model": {"size": "micro", "image_size": 16, "patch_size": 8},
                         "loss": {"type": "llip"}, "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})

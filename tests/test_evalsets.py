@@ -15,8 +15,8 @@ from PIL import Image
 
 from orchestrator.cli import main as llip_main
 from orchestrator.errors import UserError
-from orchestrator.evalsets import (CLASSIFICATION, FASHION_MNIST_CLASSES, RETRIEVAL, fashion_mnist, inspect_set,
-                                   load_set, read_idx, write_eval_set)
+from orchestrator.data.evalsets import CLASSIFICATION, RETRIEVAL, inspect_set, load_set, write_eval_set
+from orchestrator.data.sources import FASHION_MNIST_CLASSES, fashion_mnist, read_idx
 
 try:
     from tests.s3server import moto_s3  # noqa: F401  (fixture)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import load_config
+from orchestrator.config.schema import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ def ray_local(trace_dir):
 
 @pytest.fixture(scope="module")
 def small_shards(tmp_path_factory):
-    from orchestrator.shards import write_emoji_shards
+    from orchestrator.data.shards import write_emoji_shards
 
     out = tmp_path_factory.mktemp("ft")
     m = write_emoji_shards(str(out), samples_per_shard=64, seed=0, holdout=0.2, limit=640)
@@ -87,7 +87,7 @@ def segments(trace: list[dict]) -> list[list[dict]]:
 
 def planned_ids(cfg, epoch: int, world: int, rank: int, intervals=None) -> list[list[int]]:
     """The batches of sample ids the epoch plan gives this rank, computed without training."""
-    from orchestrator.dataplan import EpochStream, build_train_source
+    from orchestrator.data.plan import EpochStream, build_train_source
 
     src = build_train_source(cfg, None)
     mine = intervals if intervals is not None else src.plan(epoch).worker_intervals(world)[rank]
@@ -110,7 +110,7 @@ def logged_steps(c, run_id) -> list[int]:
 
 
 def start_in_thread(cfg, run_name):
-    from orchestrator.driver import run_experiment
+    from orchestrator.training.driver import run_experiment
 
     box = {}
 
@@ -202,7 +202,7 @@ def test_killed_worker_is_replaced_and_training_continues_exactly(ray_local, sma
 
 @pytest.mark.timeout(600)
 def test_relaunch_with_fewer_workers_resumes_and_sees_the_epoch_once(ray_local, small_shards, trace_dir, tmp_path):
-    from orchestrator.driver import run_experiment
+    from orchestrator.training.driver import run_experiment
     from orchestrator.errors import UserError
 
     cfg = make_cfg(tmp_path, small_shards, "ft_resume", max_failures=0)

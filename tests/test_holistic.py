@@ -348,8 +348,8 @@ def test_ddp_holistic_task_parity(tmp_path):
 def test_holistic_experiment_is_a_valid_sweep_over_all_five_losses():
     from pathlib import Path
 
-    from orchestrator.config import load_config
-    from orchestrator.sweep import check_sweep, count_trials
+    from orchestrator.config.schema import load_config
+    from orchestrator.sweeps.tune import check_sweep, count_trials
 
     cfg = load_config(Path(__file__).parent.parent / "experiments" / "holistic.yaml")
     check_sweep(cfg)  # every loss.type value gives a valid config with data.captions: all

@@ -52,7 +52,7 @@ def test_installed_copy_is_used_and_init_writes_a_working_project(installed, tmp
 
 def test_submission_ships_the_clients_library_and_the_users_folder(installed, tmp_path):
     r = llip(installed, tmp_path, "init", tmp_path)
-    probe = ("import sys, json; from argparse import Namespace; from orchestrator.jobs import build_submission; "
+    probe = ("import sys, json; from argparse import Namespace; from orchestrator.jobs.submit import build_submission; "
              "a = Namespace(file='experiments/smoke.yaml', working_dir='.', address='http://h:8265', sweep=False, "
              "wait=False, overrides=['data.train=s3://b/t', 'data.eval=null'], run_name=None, tracking_uri=None, "
              "storage_path=None, python=None, submission_id=None); print(json.dumps(build_submission(a)))")
@@ -65,6 +65,18 @@ def test_submission_ships_the_clients_library_and_the_users_folder(installed, tm
     assert env["working_dir"] == str(tmp_path)
     assert sorted(env["py_modules"]) == [str(installed / "llip_core"), str(installed / "orchestrator")]
     assert sub["entrypoint"].startswith("sh -c ") and " llip-job run experiments/smoke.yaml " in sub["entrypoint"]
+
+
+def test_the_install_ships_every_module_and_data_file(installed):
+    """`pip install .` carries every package of the checkout (orchestrator's stage sub-packages
+    included), the job entry script and the shipped experiments."""
+    for pkg in ("llip_core", "orchestrator"):
+        here = {p.relative_to(ROOT).as_posix() for p in (ROOT / pkg).rglob("*.py")}
+        there = {p.relative_to(installed).as_posix() for p in (installed / pkg).rglob("*.py")}
+        assert here <= there, sorted(here - there)
+    assert (installed / "orchestrator" / "jobs" / "job_entry.sh").is_file()
+    shipped = {p.name for p in (installed / "llip_experiments").glob("*.yaml")}
+    assert shipped == {p.name for p in (ROOT / "experiments").glob("*.yaml")} and "base.yaml" in shipped
 
 
 # The same installed copy submitting a job to a real head: tests/test_jobs.py (one head for both

@@ -160,7 +160,7 @@ def args(**kw):
 
 
 def test_submission_uploads_the_working_dir_without_big_dirs_and_runs_the_entry_script(monkeypatch):
-    from orchestrator.jobs import build_submission
+    from orchestrator.jobs.submit import build_submission
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     sub = build_submission(args(run_name="r1"))
@@ -170,7 +170,7 @@ def test_submission_uploads_the_working_dir_without_big_dirs_and_runs_the_entry_
         assert d in env["excludes"]
     assert env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"  # a server URI travels
     assert sub["entrypoint"].startswith("sh -c ")  # the entry script travels inline: the library is not in working_dir
-    assert (ROOT / "orchestrator" / "job_entry.sh").read_text().strip()[:40] in sub["entrypoint"].replace("'\"'\"'", "'")
+    assert (ROOT / "orchestrator" / "jobs" / "job_entry.sh").read_text().strip()[:40] in sub["entrypoint"].replace("'\"'\"'", "'")
     assert " llip-job run experiments/smoke.yaml --set " in sub["entrypoint"]
     assert sorted(Path(m).name for m in env["py_modules"]) == ["llip_core", "orchestrator"]
     assert "--run-name r1" in sub["entrypoint"]
@@ -187,7 +187,7 @@ def test_submission_uploads_the_working_dir_without_big_dirs_and_runs_the_entry_
     (dict(overrides=["data.train=s3://b/t", "train.stepz=3"]), "train.stepz"),
 ])
 def test_bad_submissions_fail_locally_in_one_line(kw, fragment):
-    from orchestrator.jobs import build_submission
+    from orchestrator.jobs.submit import build_submission
 
     with pytest.raises(UserError) as e:
         build_submission(args(**kw))
@@ -195,7 +195,7 @@ def test_bad_submissions_fail_locally_in_one_line(kw, fragment):
 
 
 def test_sweep_submission(tmp_path):
-    from orchestrator.jobs import build_submission
+    from orchestrator.jobs.submit import build_submission
 
     sub = build_submission(args(file=str(ROOT / "experiments" / "sweep_demo.yaml"), sweep=True))
     assert " llip-job sweep experiments/sweep_demo.yaml" in sub["entrypoint"]

@@ -141,7 +141,7 @@ def test_param_groups_decay_rule():
     for name in ["logit_scale", "logit_bias", "model.ln_post.weight", "model.k_norm.weight", "model.q_norm.bias",
                  "model.visual.resblocks.0.attn.in_proj.bias", "model.visual.resblocks.0.ln_1.weight"]:
         assert id(named[name]) in ids(no_decay["params"]), name
-    # 2-D tokens and positional embeddings ARE decayed (DESIGN.md once said otherwise)
+    # 2-D tokens and positional embeddings ARE decayed (the seed's design notes once said otherwise)
     for name in ["model.mixture_tokens", "model.positional_embedding", "model.text_positional_embedding",
                  "model.k_proj", "model.v_proj", "model.q_proj", "model.out_proj", "model.text_projection",
                  "model.conv1.weight", "model.visual.resblocks.0.mlp.c_fc.weight", "model.token_embedding.weight"]:

@@ -137,7 +137,7 @@ def test_task_takes_tokens_with_a_caption_axis_only_with_a_multi_caption_loss():
 
 # ------------------------------------------------------------------------------------------ emoji source
 def test_emoji_records_carry_group_and_subgroup_from_unicode():
-    from orchestrator.shards import EMOJI_TEST, emoji_groups, emoji_records
+    from orchestrator.data.sources import EMOJI_TEST, emoji_groups, emoji_records
 
     groups = emoji_groups()
     if not groups:
@@ -150,8 +150,8 @@ def test_emoji_records_carry_group_and_subgroup_from_unicode():
 
 
 def test_encode_sample_json_keeps_the_default_draw_apart():
-    from orchestrator.data import _captions, default_captions
-    from orchestrator.shards import encode_sample
+    from orchestrator.data.decode import parse_captions, default_captions
+    from orchestrator.data.tars import encode_sample
 
     members = dict(encode_sample("k", b"img", "png", ["dog face", "dog"], ["name", "alias"],
                                  [("group", "animals & nature"), ("subgroup", "animal mammal")]))
@@ -159,7 +159,7 @@ def test_encode_sample_json_keeps_the_default_draw_apart():
     assert members["k.txt"] == b"dog face"
     assert obj["captions"] == ["dog face", "animals & nature", "animal mammal", "dog"]
     assert obj["perspectives"] == ["name", "group", "subgroup", "alias"]
-    caps = _captions(members["k.txt"], members["k.json"])
+    caps = parse_captions(members["k.txt"], members["k.json"])
     assert caps == obj["captions"]
     assert default_captions(caps, members["k.json"]) == ["dog face", "dog"]
     # shards written before perspectives existed: every caption is a default one
@@ -194,13 +194,13 @@ PERSPECTIVE = {"captions": ["dog face", "animals & nature", "animal mammal", "do
 
 
 def _decoder(**kw):
-    from orchestrator.data import Decoder
+    from orchestrator.data.decode import Decoder
 
     return Decoder(image_size=16, vocab_size=512, context_length=8, augment=False, seed=0, **{"stats": None, **kw})
 
 
 def test_one_caption_draw_never_picks_a_non_default_perspective(monkeypatch):
-    import orchestrator.data as data
+    import orchestrator.data.decode as data
 
     batch = _batch([(f"k{i}", PERSPECTIVE, "dog face") for i in range(16)])
     ref = {c: _decoder()(_batch([("r", None, c)]))["tokens"][0] for c in PERSPECTIVE["captions"]}
@@ -237,7 +237,7 @@ def test_all_captions_padded_with_a_mask_and_no_caption_skipped_and_counted():
 
 # ------------------------------------------------------------------------------------------ experiment keys
 def _parse(raw):
-    from orchestrator.config import parse_config
+    from orchestrator.config.schema import parse_config
 
     return parse_config({"name": "x", **raw})
 
@@ -261,7 +261,7 @@ def test_experiment_keys_and_pooling_following_the_loss():
     ({"data": {"max_captions": 0}}, ["data.max_captions"]),
 ])
 def test_bad_keys_fail_in_one_line_naming_them(raw, words):
-    from orchestrator.config import ConfigError
+    from orchestrator.config.schema import ConfigError
 
     with pytest.raises(ConfigError) as e:
         _parse(raw)

@@ -123,9 +123,9 @@ def test_real_emoji_direction_samples_are_never_flipped(monkeypatch):
     """Real Twemoji samples through the data pipeline's decoder, with the flip option on."""
     import json
 
-    import orchestrator.data as data
+    import orchestrator.data.decode as data
     from llip_core.preprocess import has_direction_word
-    from orchestrator.shards import _read_file, emoji_records
+    from orchestrator.data.sources import _read_file, emoji_records
 
     records = emoji_records()
     directional = [r for r in records if any(has_direction_word(c) for c in r["captions"])]

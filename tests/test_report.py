@@ -9,9 +9,9 @@ import tempfile
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator import report
+from orchestrator.tracking import report
 from orchestrator.cli import main
-from orchestrator.tracking import experiment_id
+from orchestrator.tracking.store import experiment_id
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -183,9 +183,9 @@ def test_not_a_sweep_is_one_line_error(tmp_path, capsys):
 def test_reproduce_yaml_variants_are_equal_budget_and_cross_seeds():
     """sweep.variants x the seed grid: 5 named configurations x 3 seeds, differing only in the
     variant's own keys (same data, steps, batch, model size, hyperparameters)."""
-    from orchestrator.config import load_config
+    from orchestrator.config.schema import load_config
     from orchestrator.errors import UserError
-    from orchestrator.sweep import check_sweep, count_trials
+    from orchestrator.sweeps.tune import check_sweep, count_trials
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_config(os.path.join(root, "experiments", "reproduce.yaml"))
@@ -218,8 +218,8 @@ def test_training_loss_is_summarised_but_not_paired(full):
 ORDER_SCRIPT = r"""
 import hashlib, json, sys
 import ray
-from orchestrator.config import load_config
-from orchestrator.dataplan import EpochStream, build_train_source
+from orchestrator.config.schema import load_config
+from orchestrator.data.plan import EpochStream, build_train_source
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 for ov in json.loads(sys.argv[2]):
     cfg = load_config(sys.argv[1]).with_overrides(ov)

@@ -66,7 +66,7 @@ def test_smoke_run_trains_logs_checkpoints_and_evaluates_every_n_steps(emoji_sha
     assert {"config/experiment.yaml", "plots/curves.png", "eval/final.json", "eval/final.md"} <= arts
     final = json.loads(Path(c.download_artifacts(run.info.run_id, "eval/final.json", str(tmp_path))).read_text())
     assert final["step"] == 30
-    from orchestrator.tracking import git_commit, package_version
+    from orchestrator.tracking.store import git_commit, package_version
     assert run.data.tags["llip.version"] == package_version() != "unknown"
     assert run.data.tags["llip.git_commit"] == git_commit()
     ckpt = Path(run.data.tags["llip.checkpoint"])

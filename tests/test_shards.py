@@ -14,7 +14,8 @@ from PIL import Image
 
 from orchestrator.cli import main as llip_main
 from orchestrator.errors import UserError
-from orchestrator.shards import emoji_records, emoji_splits, write_emoji_shards
+from orchestrator.data.sources import emoji_records, emoji_splits
+from orchestrator.data.shards import write_emoji_shards
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_webdataset_library_reads_the_shards(small_emoji):
 
 
 def test_ray_datasource_reads_the_shards_without_a_cluster(small_emoji):
-    from orchestrator.data import read_tar_stream  # what the pipeline's datasource reads each tar with
+    from orchestrator.data.tars import read_tar_stream  # what the pipeline's datasource reads each tar with
 
     out, _ = small_emoji
     path = str(out / "train" / "train-00000.tar")
@@ -203,7 +204,7 @@ def _raw_batch(samples):
 
 
 def test_decoder_epoch_seeded_captions_and_augmentation(monkeypatch):
-    import orchestrator.data as data
+    import orchestrator.data.decode as data
     from llip_core.tokenizer import WordHashTokenizer
 
     rng = np.random.default_rng(0)
@@ -229,7 +230,8 @@ def test_decoder_epoch_seeded_captions_and_augmentation(monkeypatch):
 
 
 def test_decoder_skips_and_counts_bad_samples():
-    import orchestrator.data as data
+    import orchestrator.data.decode as data
+    from orchestrator.data.reading import check_bad_fraction
 
     counted = []
 
@@ -244,9 +246,9 @@ def test_decoder_skips_and_counts_bad_samples():
     assert len(counted) == 1 and counted[0].pop("data/decode_cpu_ms", 0) >= 0  # CPU time: any value
     assert counted == [{"data/seen": 4, "data/skipped": 3, "data/skipped_corrupt_image": 1,
                         "data/skipped_no_image": 1, "data/skipped_no_caption": 1, "data/decoded": 1}]
-    data.check_bad_fraction({"data/seen": 100, "data/skipped": 1}, 0.01)
+    check_bad_fraction({"data/seen": 100, "data/skipped": 1}, 0.01)
     with pytest.raises(UserError):
-        data.check_bad_fraction({"data/seen": 100, "data/skipped": 2}, 0.01)
+        check_bad_fraction({"data/seen": 100, "data/skipped": 2}, 0.01)
 
 
 def test_shard_order_is_reshuffled_per_epoch_and_seeded(small_emoji):
@@ -268,7 +270,7 @@ def test_shard_order_is_reshuffled_per_epoch_and_seeded(small_emoji):
 
 
 def test_truncated_tar_yields_good_prefix_and_a_marker(tmp_path, small_emoji):
-    from orchestrator.data import read_tar_stream
+    from orchestrator.data.tars import read_tar_stream
 
     out, _ = small_emoji
     data = (out / "train" / "train-00000.tar").read_bytes()
@@ -284,7 +286,7 @@ def test_truncated_tar_yields_good_prefix_and_a_marker(tmp_path, small_emoji):
 
 
 def test_local_preflight_errors_name_the_path(tmp_path):
-    from orchestrator.data import resolve_shards
+    from orchestrator.data.reading import resolve_shards
 
     with pytest.raises(UserError, match=r"data.train: .*nope does not exist; create demo shards"):
         resolve_shards(str(tmp_path / "nope"), None, "data.train")

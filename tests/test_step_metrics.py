@@ -1,4 +1,4 @@
-"""Per-step metrics of the training loop (orchestrator/stepmetrics.py): the data-wait/compute split,
+"""Per-step metrics of the training loop (orchestrator/training/stepmetrics.py): the data-wait/compute split,
 samples/s, MFU against train.peak_flops, and the console's progress line."""
 import time
 
@@ -6,8 +6,8 @@ import pytest
 
 from llip_core.config import model_config
 from llip_core.flops import train_step_flops
-from orchestrator.config import parse_config
-from orchestrator.stepmetrics import StepClock, progress_line, resolve_peak_flops, step_metrics
+from orchestrator.config.schema import parse_config
+from orchestrator.training.stepmetrics import StepClock, progress_line, resolve_peak_flops, step_metrics
 
 
 class FakeTime:

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import load_config
+from orchestrator.config.schema import load_config
 from orchestrator.errors import UserError
-from orchestrator.tracking import experiment_id
+from orchestrator.tracking.store import experiment_id
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "experiments" / "sweep_demo.yaml"
@@ -122,8 +122,8 @@ def test_sweep_parent_children_crash_and_compare(emoji_shards, cli_env, tmp_path
 def test_search_spaces_map_to_tune():
     from ray import tune
 
-    from orchestrator.config import SearchSpace
-    from orchestrator.sweep import tune_space
+    from orchestrator.config.schema import SearchSpace
+    from orchestrator.sweeps.tune import tune_space
 
     assert tune_space(SearchSpace(grid=[4, 16])) == tune.grid_search([4, 16])
     assert isinstance(tune_space(SearchSpace(choice=[1.0, 5.0])), tune.search.sample.Categorical)
@@ -134,7 +134,7 @@ def test_search_spaces_map_to_tune():
 
 
 def test_max_concurrent_trials_from_resources(tmp_path):
-    from orchestrator.sweep import count_trials, derive_max_concurrent, trial_resources
+    from orchestrator.sweeps.tune import count_trials, derive_max_concurrent, trial_resources
 
     cfg = load_config(DEMO)
     assert count_trials(cfg) == 4
@@ -156,7 +156,7 @@ def test_max_concurrent_trials_from_resources(tmp_path):
     ("    model.cross_heads: {grid: [8, 3]}\n", "", "sweep.params.model.cross_heads value 3"),  # 64 % 3
 ])
 def test_bad_sweeps_fail_in_one_line_before_ray(tmp_path, params, sweep, fragment):
-    from orchestrator.sweep import check_sweep
+    from orchestrator.sweeps.tune import check_sweep
 
     p = write_sweep(tmp_path, tmp_path / "shards", params, sweep)
     with pytest.raises(UserError) as e:
@@ -175,7 +175,7 @@ def test_sweep_without_sweep_section_is_one_line(capsys):
 def test_reconcile_makes_mlflow_agree_with_tune(tmp_path):
     """One child per trial, none left RUNNING: a trial that crashed before creating its run gets a
     FAILED child; one ASHA stopped (RUNNING in MLflow, TERMINATED in Tune) becomes KILLED."""
-    from orchestrator.sweep import _reconcile
+    from orchestrator.sweeps.tune import _reconcile
 
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = experiment_id(c, "s")

@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import load_config, resolved_yaml
+from orchestrator.config.schema import load_config, resolved_yaml
 from orchestrator.errors import UserError
-from orchestrator.tracking import experiment_id
+from orchestrator.tracking.store import experiment_id
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, CKPT_EVERY = 30, 10
@@ -198,7 +198,7 @@ def _parent(c, exp, name, cfg=None, status=None):
 
 
 def test_find_sweep_picks_the_newest_unfinished_or_the_named_one(tmp_path):
-    from orchestrator.sweep import find_sweep
+    from orchestrator.sweeps.tune import find_sweep
 
     c, exp = _store(tmp_path)
     with pytest.raises(UserError, match="nothing to resume"):
@@ -221,7 +221,7 @@ def test_find_sweep_picks_the_newest_unfinished_or_the_named_one(tmp_path):
 
 
 def test_resume_refuses_a_changed_sweep_a_finished_one_and_missing_tune_state(tmp_path, emoji_shards):
-    from orchestrator.sweep import _absolute, _prepare_resume
+    from orchestrator.sweeps.tune import _absolute, _prepare_resume
 
     c, exp = _store(tmp_path)
     cfg = _absolute(load_config(write_sweep(tmp_path, emoji_shards)))
@@ -249,7 +249,7 @@ def test_resume_refuses_a_changed_sweep_a_finished_one_and_missing_tune_state(tm
 def test_resume_uses_the_stored_config_and_finds_moved_tune_state(tmp_path, emoji_shards, capsys):
     """Trials go on with the config the sweep started with; a storage_path pointing at the folder's
     new place is taken (the stored one no longer holds it)."""
-    from orchestrator.sweep import _absolute, _prepare_resume
+    from orchestrator.sweeps.tune import _absolute, _prepare_resume
 
     c, exp = _store(tmp_path)
     cfg = _absolute(load_config(write_sweep(tmp_path, emoji_shards)))
@@ -273,7 +273,7 @@ def test_tracker_tells_an_interrupt_from_the_end():
     """Tune's SIGINT handling stops running trials as TERMINATED without on_trial_complete, and fit()
     returns normally: only the missing completion event shows the sweep did not end. Trials restored
     already over count as ended."""
-    from orchestrator.sweep import _trial_tracker
+    from orchestrator.sweeps.tune import _trial_tracker
 
     t = lambda tid, status: SimpleNamespace(trial_id=tid, status=status)  # noqa: E731
     tr = _trial_tracker()
@@ -291,7 +291,7 @@ def test_tracker_tells_an_interrupt_from_the_end():
 
 
 def test_reconcile_after_an_interrupt_and_after_the_resume(tmp_path):
-    from orchestrator.sweep import STOPPED_INTERRUPTED, _reconcile
+    from orchestrator.sweeps.tune import STOPPED_INTERRUPTED, _reconcile
 
     c, exp = _store(tmp_path)
     parent = _parent(c, exp, "s-1").info.run_id
@@ -354,7 +354,7 @@ def test_tune_snapshot_wait_returns_once_the_trial_is_recorded(tmp_path):
     in between leaves a child whose trial a restore re-creates under a new id)."""
     import threading
 
-    from orchestrator.sweep import _await_tune_snapshot
+    from orchestrator.sweeps.tune import _await_tune_snapshot
 
     cfg = load_config(ROOT / "experiments" / "smoke.yaml").with_overrides({"storage_path": str(tmp_path)})
     folder = tmp_path / "s-1"

@@ -20,9 +20,9 @@ from llip_core.model import SelfAttention
 from llip_core.optim import build_optimizer
 from llip_core.task import build_task
 from llip_core.tokenizer import eot_id
-from orchestrator.config import parse_config
+from orchestrator.config.schema import parse_config
 from orchestrator.errors import UserError
-from orchestrator.switches import apply_switches, compile_towers, use_bf16
+from orchestrator.training.switches import apply_switches, compile_towers, use_bf16
 
 STEPS = 3
 
@@ -261,7 +261,7 @@ def test_apply_switches_from_the_yaml(supported):
 def test_apply_switches_on_this_cpu_trains_bf16_or_says_why_in_one_line():
     """The real device check, whichever answer this CPU gives: bf16 where it has kernels, else the
     one-line error (or the fallback when allowed)."""
-    from orchestrator.switches import bf16_supported
+    from orchestrator.training.switches import bf16_supported
 
     cpu = torch.device("cpu")
     cfg = parse_config({"name": "x", "train": {"precision": "bf16"}})

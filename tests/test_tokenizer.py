@@ -172,15 +172,15 @@ def test_bpe_matches_open_clip_on_arbitrary_unicode(open_clip_tok):
 
 
 def _cfg(tmp_path, train, **model):
-    from orchestrator.config import parse_config
+    from orchestrator.config.schema import parse_config
 
     return parse_config({"name": "t", "model": {"size": "tiny", **model}, "storage_path": str(tmp_path / "runs"),
                          "data": {"train": str(train), "eval": None}})
 
 
 def test_run_compact_vocab_from_real_shards(emoji_shards, tmp_path):
-    from orchestrator.data import resolve_shards
-    from orchestrator.tokenization import resolve, shard_captions
+    from orchestrator.data.reading import resolve_shards
+    from orchestrator.training.tokenization import resolve, shard_captions
 
     cfg, spec = resolve(_cfg(tmp_path, emoji_shards / "train"))
     assert spec["name"] == "clip_bpe" and spec["vocab"] == "compact"
@@ -201,7 +201,8 @@ def test_relaunch_uses_the_checkpoint_tokenizer_and_a_mismatch_is_one_line(emoji
     import json
 
     from orchestrator.errors import UserError
-    from orchestrator.tokenization import TOKENIZER_FILE, run_tokenizer_spec
+    from orchestrator.storage.checkpoints import TOKENIZER_FILE
+    from orchestrator.training.tokenization import run_tokenizer_spec
 
     ckpt = tmp_path / "runs" / "myrun" / "checkpoint_000003"
     ckpt.mkdir(parents=True)
@@ -215,7 +216,7 @@ def test_relaunch_uses_the_checkpoint_tokenizer_and_a_mismatch_is_one_line(emoji
     msg = str(e.value)
     assert "\n" not in msg and "clip_bpe/compact" in msg and "word_hash(4096)" in msg
     # an unknown name fails at config load, naming it and the choices
-    from orchestrator.config import ConfigError
+    from orchestrator.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="unknown tokenizer 'bpe'; choose one of clip_bpe, word_hash"):
         _cfg(tmp_path, emoji_shards / "train", tokenizer="bpe")

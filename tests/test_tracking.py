@@ -4,7 +4,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator import tracking
+from orchestrator.tracking import store as tracking
 
 
 def test_artifacts_land_beside_the_sqlite_store_not_in_the_working_directory(tmp_path, monkeypatch):

@@ -1,0 +1,111 @@
+"""`llip eval RUN_ID_OR_CHECKPOINT --set PATH ...`: zero-shot and retrieval for a run's checkpoint (or a
+checkpoint folder or file, local or s3://), logged into that run, into the run whose checkpoint it is,
+or into a new eval-only run."""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from orchestrator.errors import UserError
+from orchestrator.evaluation.runner import format_eval_table, merge_final, preflight, runner_for
+from orchestrator.storage.checkpoints import checkpoint_file, load_checkpoint, state_tokenizer_spec
+
+
+def add_args(p) -> None:
+    p.add_argument("target", metavar="RUN_ID_OR_CHECKPOINT",
+                   help="an MLflow run id or run name (its checkpoint is evaluated and the metrics logged into it), "
+                        "or a checkpoint: a directory holding state.pt, the state.pt file, or a run's storage "
+                        "directory (its latest checkpoint_*); local or s3://")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH",
+                   help="an eval set folder (clip_benchmark wds layout, local or s3://); repeatable; "
+                        "default: the sets in the checkpoint's experiment config")
+    p.add_argument("--split", default="test", help="the sets' split subfolder (default: test)")
+    p.add_argument("--max-samples", type=int, default=None, metavar="N", help="evaluate the first N samples of each set")
+    p.add_argument("--tau", type=float, nargs="+", default=None, metavar="TAU",
+                   help="Llip: zero-shot at each softmax temperature, e.g. --tau 1 3 5 8 10 (default: eval.tau)")
+    p.add_argument("--tracking-uri", default=None, help="default: the config's, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.add_argument("--no-log", action="store_true", help="print the table only; log nothing to MLflow")
+
+
+def _find_run(c, target: str):
+    if re.fullmatch(r"[0-9a-f]{32}", target):
+        try:
+            return c.get_run(target)
+        except Exception:
+            return None
+    ids = [e.experiment_id for e in c.search_experiments(max_results=10000)]
+    if not ids:
+        return None
+    q = target.replace("'", "\\'")
+    runs = c.search_runs(ids, filter_string=f"tags.`llip.run_name` = '{q}'", max_results=1,
+                         order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def cli(args) -> int:
+    from orchestrator.data.evalsets import inspect_set
+    from orchestrator.tracking import store as tracking
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    store_exists = not (uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists())
+    c = tracking.client(uri) if store_exists else None
+    run = None
+    looks_like_path = args.target.startswith("s3://") or Path(args.target).exists()
+    if not looks_like_path:
+        run = _find_run(c, args.target) if c is not None else None
+        if run is None:
+            raise UserError(f"{args.target}: neither a checkpoint path nor an MLflow run id or name in {uri}; "
+                            "pass the checkpoint directory, or --tracking-uri for the run's store")
+        ckpt = run.data.tags.get("llip.checkpoint")
+        if not ckpt:
+            raise UserError(f"run {args.target} has no checkpoint (no llip.checkpoint tag: it ended before its "
+                            "first checkpoint); pass a checkpoint directory instead")
+        ckpt_file = checkpoint_file(ckpt)
+    else:
+        ckpt_file = checkpoint_file(args.target)
+    state, cfg, model = load_checkpoint(ckpt_file)
+    step = int(state.get("step", 0))
+
+    if args.sets:
+        infos = [inspect_set(p, split=args.split, max_samples=args.max_samples, s3cfg=cfg.data.s3).to_dict()
+                 for p in args.sets]
+        names = [d["name"] for d in infos]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup:
+            raise UserError(f"two --set folders are both named {dup!r}; eval/<name>/ metrics would collide")
+    else:
+        infos = preflight(cfg)
+        if args.max_samples:
+            for d in infos:
+                d["max_samples"] = args.max_samples
+        if not infos:
+            raise UserError(f"the checkpoint's experiment ({cfg.name}) lists no eval sets; pass --set PATH")
+    runner = runner_for(cfg, infos, state_tokenizer_spec(state), taus=args.tau)
+    t0 = time.perf_counter()
+    metrics = runner.run(model)
+    dt = time.perf_counter() - t0
+    print(f"evaluated {ckpt_file} (step {step}, {cfg.resolved_model().pooling} / {cfg.loss.type}) in {dt:.1f} s\n")
+    print(format_eval_table(metrics, infos))
+
+    if args.no_log:
+        return 0
+    if c is None:
+        uri = tracking.resolve_tracking_uri(args.tracking_uri or cfg.mlflow.tracking_uri)
+        c = tracking.client(uri)
+    if run is None:  # a checkpoint path: its training run if the store knows it, else a new eval run
+        q = ckpt_file.rsplit("/", 1)[0].replace("'", "\\'")
+        ids = [e.experiment_id for e in c.search_experiments(max_results=10000)]
+        hits = c.search_runs(ids, filter_string=f"tags.`llip.checkpoint` = '{q}'", max_results=1) if ids else []
+        run = hits[0] if hits else None
+    if run is None:
+        exp_id = tracking.experiment_id(c, cfg.mlflow.experiment or cfg.name)
+        run = c.create_run(exp_id, run_name=f"eval-{cfg.name}-step{step}",
+                           tags={"llip.checkpoint": ckpt_file.rsplit("/", 1)[0], "llip.eval_only": "true",
+                                 "llip.git_commit": tracking.git_commit()})
+        c.set_terminated(run.info.run_id, status="FINISHED")
+    tracking.MetricLogger(uri, run.info.run_id).log(metrics, step)
+    merge_final(c, run.info.run_id, metrics)
+    print(f"\nlogged {len(metrics)} metrics at step {step} into MLflow run {run.info.run_id} "
+          f"({run.data.tags.get('mlflow.runName', '')}) in {uri}")
+    return 0
