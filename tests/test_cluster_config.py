@@ -128,3 +128,37 @@ def test_rayjob_manifest(rayjob):
         assert 0 <= g["minReplicas"] <= g["maxReplicas"]
         c = g["template"]["spec"]["containers"][0]
         assert int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+
+
+# vCPUs and GPUs per instance type (AWS's published figures) for the types cluster.yaml uses.
+INSTANCE_SIZES = {"m5.2xlarge": (8, 0), "g5.xlarge": (4, 1), "g5.12xlarge": (48, 4)}
+FAKE = ROOT / "tests" / "fixtures" / "fake_cluster.yaml"
+
+
+def test_the_autoscaler_tests_cluster_mirrors_cluster_yaml(cluster):
+    """tests/test_autoscaler.py runs Ray's autoscaler on fake_cluster.yaml: the same worker node types
+    (names, min/max workers, CPUs) as cluster.yaml, its GPUs as a custom `fake_gpu`, its head as the
+    fake provider's `ray.head.default`; so what is exercised is the real file minus the cloud."""
+    fake = yaml.safe_load(FAKE.read_text())
+    real_types, fake_types = cluster["available_node_types"], fake["available_node_types"]
+    head = real_types[cluster["head_node_type"]]
+    workers = {k: v for k, v in real_types.items() if k != cluster["head_node_type"]}
+    assert set(fake_types) == set(workers) | {"ray.head.default"} and fake["head_node_type"] == "ray.head.default"
+    cpus, gpus = INSTANCE_SIZES[head["node_config"]["InstanceType"]]
+    assert fake_types["ray.head.default"]["resources"] == {"CPU": cpus, **({"fake_gpu": gpus} if gpus else {})}
+    for name, nt in workers.items():
+        cpus, gpus = INSTANCE_SIZES[nt["node_config"]["InstanceType"]]
+        ft = fake_types[name]
+        assert (ft["min_workers"], ft["max_workers"]) == (nt.get("min_workers", 0), nt["max_workers"]), name
+        assert ft["resources"] == {"CPU": cpus, "fake_gpu": gpus}, name
+    for key in ("cluster_name", "max_workers", "upscaling_speed"):
+        assert fake[key] == cluster[key], key
+    assert fake["provider"]["type"] == "fake_multinode"
+
+
+def test_the_mirror_check_catches_a_drift(cluster):
+    """Guards the test above: a max_workers changed in cluster.yaml alone makes it fail."""
+    drifted = copy.deepcopy(cluster)
+    drifted["available_node_types"]["gpu_spot"]["max_workers"] = 5
+    with pytest.raises(AssertionError, match="gpu_spot"):
+        test_the_autoscaler_tests_cluster_mirrors_cluster_yaml(drifted)

@@ -7,81 +7,20 @@ machine). Plus the cluster-free parts: what is uploaded, the entrypoint, and
 one-line errors for an unreachable address and for data that would not reach the cluster."""
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
 
+from clusters import free_port, processes_of, stop_cluster
 from orchestrator.errors import UserError
 from test_installed import _env, llip
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) from /proc (Linux, like the clusters we start)."""
-    table = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            ppid = int(next(line.split()[1] for line in (d / "status").read_text().splitlines()
-                            if line.startswith("PPid:")))
-        except (OSError, StopIteration, ValueError):
-            continue
-        table[int(d.name)] = (ppid, cmd)
-    return table
-
-
-def processes_of(temp_dir: str) -> set[int]:
-    """PIDs of the cluster rooted in temp_dir: processes naming it on their command line (gcs_server,
-    raylet, dashboard, log monitor, ...) and all their descendants (workers)."""
-    table = _proc_table()
-    found = {pid for pid, (_, cmd) in table.items() if temp_dir in cmd}
-    grew = True
-    while grew:
-        kids = {pid for pid, (ppid, _) in table.items() if ppid in found} - found
-        found |= kids
-        grew = bool(kids)
-    found.discard(os.getpid())
-    return found
-
-
-def stop_cluster(temp_dir: str) -> None:
-    pids = processes_of(temp_dir)
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + wait
-        while time.time() < deadline and (pids := {p for p in pids if Path(f"/proc/{p}").exists()
-                                                   and "zombie" not in _state(p)}):
-            time.sleep(0.3)
-        if not pids:
-            return
-
-
-def _state(pid: int) -> str:
-    try:
-        return next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State:")).lower()
-    except (OSError, StopIteration):
-        return "zombie"
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +117,18 @@ def test_submission_uploads_the_working_dir_without_big_dirs_and_runs_the_entry_
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")  # a local file means nothing on the head
     assert "MLFLOW_TRACKING_URI" not in build_submission(args())["runtime_env"]["env_vars"]
+
+
+def test_in_place_submission_uploads_nothing():
+    """--in-place: the folders are named as Ray's local:// URIs, which every node must already have."""
+    import llip_core
+    import orchestrator
+    from orchestrator.jobs.submit import build_submission
+
+    env = build_submission(args(in_place=True))["runtime_env"]
+    assert env["working_dir"] == f"local://{ROOT}" and "excludes" not in env
+    assert sorted(env["py_modules"]) == sorted(f"local://{Path(m.__file__).resolve().parent}"
+                                               for m in (llip_core, orchestrator))
 
 
 @pytest.mark.parametrize("kw, fragment", [

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -100,12 +101,17 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(emoji_shards, cli
     try:
         deadline = time.monotonic() + 600
         first = second = None
+        refused = None
         while time.monotonic() < deadline:
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
             exp = c.get_experiment_by_name("sweep_resume")
             runs = c.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]) if exp else []
             # (llip.run_name is tagged just after the run is created)
             kids = [r for r in runs if "llip.trial_id" in r.data.tags and "llip.run_name" in r.data.tags]
+            if kids and refused is None:
+                # While this driver lives, a second one for the same sweep is refused, naming it.
+                refused = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=cli_env, capture_output=True,
+                                         text=True, timeout=120)
             if len(kids) == 2 and kids[0].info.status == "FINISHED":
                 first, second = kids
                 if _newest_step(tmp_path / "runs" / second.data.tags["llip.run_name"]) >= CKPT_EVERY:
@@ -132,6 +138,9 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(emoji_shards, cli
 
     parent = next(r for r in c.search_runs([first.info.experiment_id]) if r.data.tags.get("llip.sweep") == "true")
     name = parent.data.tags["llip.run_name"]
+    err = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(err) == 1, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert f"sweep {name} is being run by another driver (host {socket.gethostname()}, pid {proc.pid}," in err[0]
     assert parent.info.status == "RUNNING"  # SIGKILL: nobody could close it
     assert (tmp_path / "runs" / name / "tuner.pkl").exists()
     killed_at = _newest_step(tmp_path / "runs" / second.data.tags["llip.run_name"])
@@ -144,6 +153,7 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(emoji_shards, cli
     (tmp_path / "resume.log").write_text(out)
     assert r.returncode == 0, out[-4000:]
     assert f"resuming sweep {name}" in out
+    assert f"its previous driver is gone (host {socket.gethostname()}, pid {proc.pid}," in out  # lease taken over
     assert f"run {first.data.tags['llip.run_name']}" not in out  # neither "starting run" nor "resuming run"
     resumed = [int(m) for m in re.findall(r"resumed from checkpoint at step (\d+)", out)]
     assert resumed and resumed[0] >= killed_at, out[-4000:]

@@ -157,7 +157,27 @@ class ScalingSection(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)  # fractional on small machines so Ray Data can read
     gpus_per_worker: Optional[float] = Field(None, gt=0)
+    # Further Ray resources each training worker holds, e.g. {"accelerator_type:A10G": 0.001}, or a
+    # custom resource that a node type advertises (the multi-node tests' stand-in for a GPU).
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    # Ray's placement strategy for the workers' bundles: PACK (fewest nodes), SPREAD, STRICT_SPREAD
+    # (one worker per node), STRICT_PACK (all on one node).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(0, ge=-1)  # FailureConfig(max_failures); -1: retry forever
+    # Seconds a run waits in all for nodes that can hold its workers (at the start, and again after
+    # losing a node) before it fails in one line naming what it asked for; null: wait forever (a
+    # sweep whose trials queue for an autoscaler's nodes may need that, or max_concurrent_trials).
+    placement_timeout_s: Optional[float] = Field(900.0, gt=0)
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_only(cls, v):
+        for k, amount in v.items():
+            if k in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"{k}: set it with cpus_per_worker / use_gpu + gpus_per_worker, not here")
+            if amount <= 0:
+                raise ValueError(f"{k}: {amount}: must be positive")
+        return v
 
 
 class MlflowSection(_Strict):
@@ -301,6 +321,10 @@ class ExperimentConfig(_Strict):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     mlflow: MlflowSection = Field(default_factory=MlflowSection)
     storage_path: str = "runs"  # local directory or s3://bucket/prefix for checkpoints
+    # true: local paths (storage_path, data, eval sets, a sqlite tracking store) lie on a filesystem
+    # every node mounts (NFS, EFS, Lustre). Without it a run whose workers can land on other nodes
+    # than the driver's refuses local paths, which those nodes would not see.
+    storage_shared: bool = False
     sweep: Optional[SweepSection] = None
     eval: EvalSection = Field(default_factory=EvalSection)  # zero-shot / retrieval sets (orchestrator/evaluation/runner.py)
     curation: Optional[CurationSection] = None  # MetaCLIP curation of data.train (llip curate)

@@ -54,6 +54,10 @@ def add_args(p) -> None:
     p.add_argument("--python", default=None,
                    help="interpreter on the head to run with (default: the one running the cluster's Ray workers)")
     p.add_argument("--submission-id", default=None, help="job id to use (default: llip-NAME-RANDOM)")
+    p.add_argument("--in-place", action="store_true",
+                   help="the working dir and this llip-orch lie at the same paths on every node (a shared "
+                        "filesystem): run them where they are (Ray's local:// working_dir and py_modules) "
+                        "instead of uploading copies")
 
 
 def normalize_address(address: Optional[str]) -> str:
@@ -168,10 +172,15 @@ def build_submission(args) -> dict:
     commit = tracking.git_commit()
     if commit != "unknown":
         env["LLIP_GIT_COMMIT"] = commit  # .git is not uploaded; keep the run's commit tag honest
+    if getattr(args, "in_place", False):  # nothing uploaded: every node reads the same folders
+        runtime_env = {"working_dir": f"local://{working_dir}", "py_modules": [f"local://{m}" for m in library_modules()],
+                       "env_vars": env}
+    else:
+        runtime_env = {"working_dir": str(working_dir), "excludes": EXCLUDES, "py_modules": library_modules(),
+                       "env_vars": env}
     return {
         "entrypoint": entry,
-        "runtime_env": {"working_dir": str(working_dir), "excludes": EXCLUDES, "py_modules": library_modules(),
-                        "env_vars": env},
+        "runtime_env": runtime_env,
         "submission_id": args.submission_id or f"llip-{cfg.name}-{uuid.uuid4().hex[:8]}",
         "metadata": {"llip.experiment": cfg.name, "llip.command": command, "llip.file": rel},
     }
@@ -205,11 +214,16 @@ def cli(args) -> int:
     address = normalize_address(args.address)
     sub = build_submission(args)
     env = sub["runtime_env"]
-    wd_files, wd_bytes = upload_size(Path(env["working_dir"]), EXCLUDES)
-    lib = [upload_size(Path(m), MODULE_EXCLUDES) for m in env["py_modules"]]
-    print(f"uploading {env['working_dir']} ({wd_files} files, {_fmt_bytes(wd_bytes)}; not {', '.join(EXCLUDES[:4])}...) "
-          f"and this client's llip_core + orchestrator ({sum(f for f, _ in lib)} files, "
-          f"{_fmt_bytes(sum(b for _, b in lib))})")
+    if env["working_dir"].startswith("local://"):
+        print(f"running in place on the cluster (nothing uploaded): {env['working_dir']} and "
+              f"{', '.join(env['py_modules'])} must exist at those paths on every node")
+        wd_bytes = 0
+    else:
+        wd_files, wd_bytes = upload_size(Path(env["working_dir"]), EXCLUDES)
+        lib = [upload_size(Path(m), MODULE_EXCLUDES) for m in env["py_modules"]]
+        print(f"uploading {env['working_dir']} ({wd_files} files, {_fmt_bytes(wd_bytes)}; not {', '.join(EXCLUDES[:4])}...) "
+              f"and this client's llip_core + orchestrator ({sum(f for f, _ in lib)} files, "
+              f"{_fmt_bytes(sum(b for _, b in lib))})")
     if wd_bytes > 100e6:
         print(f"[llip] warning: the working dir upload is {_fmt_bytes(wd_bytes)}; Ray refuses packages over 512 MB. "
               "Keep shards and results out of it (data/ and runs/ are excluded) or use --working-dir")

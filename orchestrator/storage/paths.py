@@ -20,7 +20,7 @@ import os
 import tempfile
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from orchestrator.errors import UserError
 
@@ -33,6 +33,15 @@ def storage_path(cfg: ExperimentConfig) -> str:
     """The experiment's storage_path, absolute when local (Ray workers run in other folders)."""
     p = cfg.storage_path
     return p if "://" in p else str(Path(p).resolve())
+
+
+def ray_storage(cfg: ExperimentConfig) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) as Ray Train's and Tune's RunConfig take them: an s3://
+    storage_path goes with our S3 filesystem (the endpoint and credentials of data.s3 / the AWS chain)
+    and then, as pyarrow wants, without its scheme ("bucket/prefix"); a local one is absolute."""
+    fs = storage_filesystem(cfg)
+    path = storage_path(cfg)
+    return (path[len("s3://"):] if fs is not None else path), fs
 
 
 def run_folder(cfg: ExperimentConfig, run_name: str):

@@ -147,13 +147,14 @@ def trial_resources(cfg: ExperimentConfig, shared: bool = False) -> dict[str, fl
     s = cfg.scaling
     cpu = s.num_workers * s.cpus_per_worker + (0.0 if shared else trial_data_cpus(cfg))
     gpu = s.num_workers * (s.gpus_per_worker or 1) if s.use_gpu else 0.0
-    return {"CPU": cpu, "GPU": gpu}
+    return {"CPU": cpu, "GPU": gpu, **{k: s.num_workers * v for k, v in s.resources_per_worker.items()}}
 
 
 def derive_max_concurrent(cfg: ExperimentConfig, available: dict[str, float],
                           shared_cpus: Optional[float] = None) -> Optional[int]:
-    """floor(free resources / per-trial resources), the tightest of CPU and GPU; None (no cap) when
-    nothing fits yet, e.g. an autoscaling cluster whose GPU nodes are not up. `shared_cpus`: the
+    """floor(free resources / per-trial resources), the tightest of CPU, GPU and the workers' custom
+    resources; None (no cap) when nothing fits yet, e.g. an autoscaling cluster whose GPU nodes are
+    not up. `shared_cpus`: the
     shared data pass's CPUs, taken off the top once (its trials then reserve no data CPUs)."""
     if shared_cpus is not None:
         available = {**available, "CPU": available.get("CPU", 0.0) - shared_cpus}
@@ -408,7 +409,7 @@ def _prepare_resume(cfg: ExperimentConfig, c, parent, retry_failed: bool) -> tup
         fs, folder = _tune_dir(cand, name)
         tried.append(folder)
         if tune.Tuner.can_restore(folder, storage_filesystem=fs) and _tune_snapshots(fs, folder):
-            return cand, (f"s3://{folder}" if root.startswith("s3://") else folder)
+            return cand, folder  # as `fs` names it: Tuner.restore gets the same filesystem
     raise UserError(f"sweep {name}: no Ray Tune state in {' or '.join(tried)} (tuner.pkl, experiment_state-*.json); "
                     "if the folder moved, set storage_path to its new parent (--set storage_path=DIR), else start a "
                     "new sweep without --resume/--run-name")
@@ -421,7 +422,32 @@ def run_sweep(cfg: ExperimentConfig, max_concurrent_trials: Optional[int] = None
     Errored trials are not rerun on resume unless retry_failed: a trial crashes mostly on something
     in its own config (too large a batch, a bad value), which would crash again; with retry_failed
     they continue from their last checkpoint (Tune's resume_errored; run_experiment picks up the
-    newest checkpoint either way, so restart_errored would not start them from scratch)."""
+    newest checkpoint either way, so restart_errored would not start them from scratch).
+
+    The driver holds the sweep's lease (orchestrator/sweeps/lease.py) from the moment it knows the
+    sweep's name until it returns: a second driver of the same sweep is refused in one line."""
+    leases: list = []
+    try:
+        return _run_sweep(cfg, max_concurrent_trials, run_name, resume, retry_failed, source, leases)
+    finally:
+        for lease in leases:
+            lease.release()
+
+
+def _take_lease(cfg: ExperimentConfig, run_name: str, leases: list) -> None:
+    from orchestrator.sweeps.lease import Lease
+
+    fs, folder = _tune_dir(cfg, run_name)
+    lease = Lease(fs, folder, run_name)
+    dead = lease.acquire()
+    leases.append(lease)
+    if dead:
+        print(f"[llip] sweep {run_name}: its previous driver is gone (host {dead.get('host')}, pid {dead.get('pid')}, "
+              f"since {dead.get('since')}); this driver takes over its lease", flush=True)
+
+
+def _run_sweep(cfg: ExperimentConfig, max_concurrent_trials: Optional[int], run_name: Optional[str],
+               resume: bool, retry_failed: bool, source: str, leases: list) -> dict[str, Any]:
     import ray
     from ray import tune
 
@@ -444,6 +470,7 @@ def run_sweep(cfg: ExperimentConfig, max_concurrent_trials: Optional[int] = None
     if previous is not None:
         run_name = previous.data.tags["llip.run_name"]
         cfg, folder = _prepare_resume(cfg, c, previous, retry_failed)
+        _take_lease(cfg, run_name, leases)  # before anything of the sweep's is touched
     elif run_name:
         fs, folder = _tune_dir(cfg, run_name)
         if tune.Tuner.can_restore(folder, storage_filesystem=fs):
@@ -452,14 +479,22 @@ def run_sweep(cfg: ExperimentConfig, max_concurrent_trials: Optional[int] = None
     sw = cfg.sweep
     preflight(cfg)
     init_ray()
+    # Trials' workers may land on other nodes: local paths must be visible there too.
+    from orchestrator.storage.reach import check_shared_storage, worker_nodes
+
+    check_shared_storage(cfg, uri, worker_nodes(cfg)[2])
 
     n_trials = count_trials(cfg)
     tracker = _trial_tracker()
     if previous is None:
         swept = (["variant"] if sw.variants else []) + sorted(sw.params)
+        if run_name:
+            _take_lease(cfg, run_name, leases)
         c, uri, parent_id, run_name, _ = start_mlflow_run(
             cfg, run_name, tags={"llip.sweep": "true", "llip.sweep.params": json.dumps(swept),
                                  "llip.sweep.metric": sw.metric, "llip.sweep.mode": sw.mode, **manifest_tags(cfg)})
+        if not leases:  # named from the new MLflow run's id: nobody else can know the name yet
+            _take_lease(cfg, run_name, leases)
     else:
         parent_id = previous.info.run_id
         c.update_run(parent_id, status="RUNNING")
@@ -493,7 +528,8 @@ def run_sweep(cfg: ExperimentConfig, max_concurrent_trials: Optional[int] = None
             kept = previous.data.params.get("sweep.max_concurrent_trials", "?")
             print(f"[llip] resuming sweep {run_name}: {len(done)} of {n_trials} trials FINISHED before, the others "
                   f"continue from their checkpoints{' (failed ones too)' if retry_failed else ''}; at most {kept} at "
-                  f"once; MLflow parent run {parent_id} in {uri}; Tune state {folder}", flush=True)
+                  f"once; MLflow parent run {parent_id} in {uri}; Tune state "
+                  f"{'s3://' if cfg.storage_path.startswith('s3://') else ''}{folder}", flush=True)
             if max_concurrent_trials and str(max_concurrent_trials) != kept:
                 print(f"[llip] note: --max-concurrent-trials {max_concurrent_trials} is ignored when resuming; "
                       f"Tune keeps the sweep's {kept}", flush=True)
@@ -540,7 +576,7 @@ def run_sweep(cfg: ExperimentConfig, max_concurrent_trials: Optional[int] = None
 def _new_tuner(cfg: ExperimentConfig, meta: dict[str, Any], run_name: str, limit: Optional[int], tracker):
     from ray import tune
 
-    from orchestrator.storage.paths import storage_path
+    from orchestrator.storage.paths import ray_storage
 
     sw = cfg.sweep
     scheduler = None
@@ -561,7 +597,8 @@ def _new_tuner(cfg: ExperimentConfig, meta: dict[str, Any], run_name: str, limit
         },
         tune_config=tune.TuneConfig(metric=sw.metric, mode=sw.mode, num_samples=sw.num_samples, scheduler=scheduler,
                                     max_concurrent_trials=limit),
-        run_config=tune.RunConfig(name=run_name, storage_path=storage_path(cfg), callbacks=[tracker],
+        run_config=tune.RunConfig(name=run_name, storage_path=ray_storage(cfg)[0],
+                                  storage_filesystem=ray_storage(cfg)[1], callbacks=[tracker],
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False), verbose=1),
     )
 

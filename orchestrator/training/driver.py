@@ -5,6 +5,8 @@ an MLflow run exists; once it exists, any failure marks it FAILED with the error
 """
 from __future__ import annotations
 
+import math
+import os
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -12,7 +14,7 @@ from typing import Any, Optional
 from orchestrator.cluster import init_ray
 from orchestrator.config.schema import ExperimentConfig, load_config, parse_overrides
 from orchestrator.errors import UserError, one_line
-from orchestrator.storage.paths import storage_filesystem, storage_path
+from orchestrator.storage.paths import ray_storage
 from orchestrator.tracking.runs import start_mlflow_run
 
 
@@ -103,6 +105,13 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
     from orchestrator.training.worker import train_loop_per_worker
 
     init_ray()
+    # Where the workers can land decides which paths they can see: checked before any MLflow run.
+    from orchestrator.storage.reach import check_nodes_reach_s3, check_shared_storage, worker_nodes
+    from orchestrator.tracking.store import resolve_tracking_uri
+
+    _, able, spread = worker_nodes(cfg)
+    check_shared_storage(cfg, resolve_tracking_uri(cfg.mlflow.tracking_uri), spread)
+    check_nodes_reach_s3(cfg, able)
     from orchestrator.training.tokenization import resolve as resolve_tokenizer
 
     # once per run: the compact vocabulary from the training captions, or a relaunch's checkpoint's
@@ -120,9 +129,11 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
     print(f"[llip] {'resuming' if resumed else 'starting'} run {run_name} (MLflow run {run_id} in {uri})", flush=True)
     c.log_dict(run_id, tokenizer, "config/tokenizer.json")  # what evaluation of this run must tokenize with
 
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = cfg.scaling.gpus_per_worker or 1
+    from orchestrator.storage.reach import worker_request
+
+    attempt_s, retries = placement_budget(cfg.scaling.placement_timeout_s)
+    if attempt_s is not None:  # Ray Train passes this on to its controller, which waits that long per try
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{attempt_s:g}"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -135,12 +146,13 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
             "tokenizer_spec": tokenizer,
         },
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=worker_request(cfg),
+                                     placement_strategy=cfg.scaling.placement_strategy),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage_path(cfg),
-            storage_filesystem=storage_filesystem(cfg),
-            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            storage_path=ray_storage(cfg)[0],
+            storage_filesystem=ray_storage(cfg)[1],
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures, controller_failure_limit=retries),
             # Keep the best M by training loss (always present at checkpoint steps); Ray also keeps
             # the latest, which is what a relaunch or a restarted worker group resumes from.
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
@@ -156,7 +168,7 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
         if getattr(result, "error", None):
             raise result.error
     except BaseException as e:
-        msg = one_line(e)
+        msg = unplaced(e, cfg) or one_line(e)
         c.set_tag(run_id, "llip.error", msg[:5000])
         c.log_text(run_id, "".join(traceback.format_exception(e)), "error.txt")
         interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))  # Ray turns Ctrl-C into SystemExit
@@ -166,6 +178,8 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
         raise UserError(f"run {run_name} failed: {msg} (MLflow run {run_id} marked FAILED)") from e
 
     ckpt = result.checkpoint.path if result.checkpoint else None
+    if ckpt and cfg.storage_path.startswith("s3://") and not ckpt.startswith("s3://"):
+        ckpt = f"s3://{ckpt}"  # Ray names it on its filesystem; users and `llip eval` need the URL
     if ckpt:
         c.set_tag(run_id, "llip.checkpoint", ckpt)
     _log_curves(c, run_id, dict(result.metrics or {}), cfg.resolved_model().tau)
@@ -174,6 +188,44 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
     c.set_terminated(run_id, status="FINISHED")
     return RunResult(run_id=run_id, run_name=run_name, tracking_uri=uri, metrics=dict(result.metrics or {}),
                      checkpoint=ckpt)
+
+
+def placement_budget(timeout_s: Optional[float]) -> tuple[Optional[float], int]:
+    """(seconds per placement try, tries after the first) that add up to `timeout_s`; Ray Train's
+    controller retries an unplaceable worker group after each try (forever by default)."""
+    if timeout_s is None:
+        return None, -1
+    attempt = min(60.0, float(timeout_s))
+    return attempt, max(0, math.ceil(float(timeout_s) / attempt - 1e-9) - 1)
+
+
+def unplaced(e: BaseException, cfg: ExperimentConfig) -> Optional[str]:
+    """The one line for a worker group that no node could hold within scaling.placement_timeout_s,
+    or None when `e` is something else."""
+    seen, err = set(), e
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if type(err).__name__ == "WorkerGroupStartupTimeoutError":
+            break
+        err = getattr(err, "controller_failure", None) or getattr(err, "cause", None) or err.__cause__
+    else:
+        return None
+    if err is None:
+        return None
+    from orchestrator.storage.reach import cluster_nodes, worker_request
+
+    s = cfg.scaling
+    want = ", ".join(f"{k}: {v:g}" for k, v in worker_request(cfg).items())
+    try:
+        nodes = "; ".join(f"{n['address']} " + ", ".join(f"{k}: {v:g}" for k, v in sorted(n["resources"].items())
+                                                          if not k.startswith(("node:", "memory", "object_store")))
+                          for n in cluster_nodes())
+    except Exception:  # noqa: BLE001 - the message must not fail
+        nodes = "unknown"
+    return (f"scaling: {s.num_workers} training worker(s) of {{{want}}} ({s.placement_strategy}) could not be placed "
+            f"within scaling.placement_timeout_s={s.placement_timeout_s:g} s; no node came up that holds them "
+            f"(alive nodes: {nodes}); add or fix the node type that has them (cluster.yaml), raise "
+            "scaling.placement_timeout_s, or ask for fewer or smaller workers")
 
 
 def _log_final_data_counts(c, run_id: str, stats, metrics: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import torch
@@ -55,8 +56,9 @@ def _all_have_batch(mine: bool, world: int, device) -> bool:
 
 def _open_trace(run_name: str, rank: int):
     """$LLIP_TRACE_STEPS=DIR: every rank appends one JSON line per step to DIR/<run>-rank<r>.jsonl
-    (step, epoch, this rank's loss, the sample ids it trained on), for checking which samples a
-    step saw, e.g. that a resumed run continues exactly where it stopped."""
+    (step, epoch, this rank's loss, the sample ids it trained on, the Ray node it ran on and the wall
+    clock when the step ended), for checking which samples a step saw and where, e.g. that a run
+    resumed on another node continues exactly where it stopped."""
     d = os.environ.get("LLIP_TRACE_STEPS")
     if not d:
         return None
@@ -193,6 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     window_loss, window_n = 0.0, 0
     trace = _open_trace(ctx.get_experiment_name(), rank)
+    node_id = ray.get_runtime_context().get_node_id() if trace is not None else None
     clock = StepClock()  # data-wait vs compute per step (orchestrator/training/stepmetrics.py)
     done = step >= cfg.train.steps
 
@@ -233,7 +236,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window_n += 1
             if trace is not None:
                 trace.write(json.dumps({"step": step, "epoch": epoch, "loss": step_loss,
-                                        "ids": batch["sample_id"].tolist()}) + "\n")
+                                        "ids": batch["sample_id"].tolist(), "node": node_id,
+                                        "time": time.time()}) + "\n")
             clock.step_done(images.shape[0] * world)
 
             last = step >= cfg.train.steps
