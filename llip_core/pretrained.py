@@ -91,6 +91,25 @@ def check_fits(expected: dict[str, torch.Tensor], found: dict[str, Any], source:
                               "the weights are of another model type than the config asks for")
 
 
+def model_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the model's state dict, without allocating or initialising it (a G/14's
+    checks cost nothing). The model is built on the meta device with torch.nn.init's functions
+    swapped for no-ops for the moment: initialising meta tensors goes through torch's Python
+    decompositions, whose first use costs seconds."""
+    from llip_core.model import LlipModel
+
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "constant_", "trunc_normal_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda t, *a, **k: t)
+        with torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in LlipModel(model_cfg).state_dict().items()}
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
 # ============================================================================ writing an export
 def weights_bytes(weights: dict[str, torch.Tensor], dtype: str = "fp32") -> bytes:
     """safetensors bytes of the floating tensors cast to `dtype` (fp32 or bf16), contiguous, on CPU."""
@@ -121,10 +140,8 @@ def export_files(model_cfg: ModelConfig, weights: dict[str, torch.Tensor], token
                  vocab: bool = True) -> dict[str, bytes]:
     """{file name: bytes} of an export folder. The weights are checked against the model the config
     builds (names and shapes) before anything is written."""
-    from llip_core.model import LlipModel
-
-    with torch.device("meta"):  # shapes only: a G/14 is not built in memory to check a file
-        expected = LlipModel(model_cfg).state_dict()
+    expected = model_shapes(model_cfg)
+    expected.update({k: () for k in TASK_KEYS})
     check_fits(expected, weights, "weights")
     blob = weights_bytes(weights, dtype)
     config = {
