@@ -197,11 +197,15 @@ def _log_mlflow_model(c, uri: str, run_id: str, ckpt: str) -> None:
     from orchestrator.models.mlflow_model import log_model
     from orchestrator.storage.checkpoints import checkpoint_file
 
+    import time
+
+    t0 = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="llip-export-") as d:
             export_checkpoint(checkpoint_file(ckpt), d, run=c.get_run(run_id), client=c)
             model_uri = log_model(uri, run_id, d)
-        print(f"[llip] logged the model as {model_uri} (register it: llip register {run_id} --alias NAME)", flush=True)
+        print(f"[llip] logged the model as {model_uri} in {time.perf_counter() - t0:.1f} s "
+              f"(register it: llip register {run_id} --alias NAME)", flush=True)
     except Exception as e:  # the run trained and its checkpoint is there: bookkeeping must not fail it
         c.set_tag(run_id, "llip.mlflow_model_error", f"{type(e).__name__}: {str(e)[:500]}")
         print(f"[llip] warning: could not log the MLflow model: {type(e).__name__}: {str(e)[:200]} "
