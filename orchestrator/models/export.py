@@ -95,7 +95,7 @@ def _run_facts(c, run) -> dict[str, Any]:
         return {}
     tags = run.data.tags
     exp = c.get_experiment(run.info.experiment_id).name if c is not None else ""
-    final = {k: v for k, v in sorted(run.data.metrics.items()) if k.startswith("eval/")}
+    final = {k: v for k, v in sorted(run.data.metrics.items()) if k.startswith("eval/") and not k.endswith("seconds")}
     return {
         "run_id": run.info.run_id, "run_name": tags.get("llip.run_name", tags.get("mlflow.runName", "")),
         "experiment": exp,
