@@ -90,8 +90,8 @@ def full_vocab_embedding(table: torch.Tensor, spec: dict) -> torch.Tensor:
     return table[index].clone()
 
 
-def to_open_clip(model_cfg: ModelConfig, weights: dict[str, torch.Tensor], tokenizer_spec: dict,
-                 loss_type: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def to_open_clip(model_cfg: ModelConfig, weights: dict[str, torch.Tensor],
+                 tokenizer_spec: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     """(open_clip_config.json's content, open_clip state dict) for a model with one embedding per image."""
     one_branch = model_cfg.pooling == "multi_cls" and model_cfg.branches == 1
     if model_cfg.pooling != "cls" and not one_branch:

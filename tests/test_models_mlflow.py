@@ -17,7 +17,6 @@ import urllib.request
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from orchestrator.cli import main as llip_main
 from test_models_export import TEXTS, images, make_checkpoint

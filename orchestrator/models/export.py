@@ -195,7 +195,7 @@ def export_checkpoint(ckpt_file: str, out: str, fmt: str = "llip", dtype: str = 
                                         "llip_orch": {"version": package_version(), "commit": git_commit()},
                                         "provenance": facts})
         else:
-            oc_cfg, tensors = to_open_clip(model_cfg, weights, spec, cfg.loss.type)
+            oc_cfg, tensors = to_open_clip(model_cfg, weights, spec)
             files = {OPEN_CLIP_CONFIG: (json.dumps(oc_cfg, indent=2) + "\n").encode(),
                      OPEN_CLIP_WEIGHTS: weights_bytes(tensors, dtype)}
     except (ConvertError, PretrainedError) as e:
