@@ -62,13 +62,7 @@ def load_rgb(data: bytes, draft_size: Optional[int] = None) -> Image.Image:
         if draft_size is not None and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
         img.load()
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGB" and "transparency" in img.info):
-            img = img.convert("RGBA")
-            white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(white, img)
-        img = img.convert("RGB")
+        img = as_rgb(img)
     except CorruptImageError:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad input
@@ -76,6 +70,17 @@ def load_rgb(data: bytes, draft_size: Optional[int] = None) -> Image.Image:
     if img.width < 1 or img.height < 1:
         raise CorruptImageError("image has zero size")
     return img
+
+
+def as_rgb(img: Image.Image) -> Image.Image:
+    """An opened PIL image as RGB, transparency composited on white (training's decode)."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGB" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    return img.convert("RGB")
 
 
 def center_crop_box(width: int, height: int) -> tuple[float, float, float, float]:

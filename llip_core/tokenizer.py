@@ -126,11 +126,12 @@ class ClipBpeTokenizer:
     vocab_size = CLIP_VOCAB_SIZE
     sot_id, eot_id = CLIP_SOT, CLIP_EOT
 
-    def __init__(self, context_length: int = 77):
+    def __init__(self, context_length: int = 77, vocab_path: Optional[str] = None):
+        """`vocab_path`: a copy of the merges file (an exported model carries one); None: the wheel's."""
         if context_length < 2:
             raise TokenizerError("context_length must be at least 2 (SOT and EOT)")
         self.context_length = context_length
-        self._ids, self._ranks = _clip_vocab(clip_vocab_path())
+        self._ids, self._ranks = _clip_vocab(vocab_path or clip_vocab_path())
         self._sym = _byte_symbols()
         self._pieces: dict[str, tuple[int, ...]] = {
             "<start_of_text>": (CLIP_SOT,), "<end_of_text>": (CLIP_EOT,)}
@@ -273,18 +274,19 @@ def tokenizer_spec(name: str, context_length: int, vocab_size: int, vocab: str =
     return spec
 
 
-def _base(spec: dict):
+def _base(spec: dict, vocab_path: Optional[str] = None):
     name = spec.get("name")
     if name == "clip_bpe":
-        return ClipBpeTokenizer(spec["context_length"])
+        return ClipBpeTokenizer(spec["context_length"], vocab_path)
     if name == "word_hash":
         return WordHashTokenizer(spec["buckets"], spec["context_length"])
     raise TokenizerError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}")
 
 
-def build_tokenizer(spec: dict):
-    """The tokenizer a spec describes (full vocabulary, or compact over spec["ids"])."""
-    base = _base(spec)
+def build_tokenizer(spec: dict, vocab_path: Optional[str] = None):
+    """The tokenizer a spec describes (full vocabulary, or compact over spec["ids"]); `vocab_path`:
+    CLIP's merges file to use instead of the installed wheel's."""
+    base = _base(spec, vocab_path)
     return CompactVocab(base, spec["ids"]) if spec.get("vocab") == "compact" else base
 
 

@@ -25,14 +25,15 @@ FLOORS = [
     ["orchestrator.data"],
     ["orchestrator.curation"],
     ["orchestrator.evaluation"],
-    ["orchestrator.training"],
     ["orchestrator.models"],
+    ["orchestrator.training"],
     ["orchestrator.sweeps"],
     ["orchestrator.jobs"],
     ["orchestrator.cli", "orchestrator.__main__"],
 ]
 # tracking's commands (compare, report) read what the stages logged, through MLflow only, so they
-# sit with tracking and import no stage.
+# sit with tracking and import no stage. models (export, import, the MLflow model) sits below training:
+# the driver logs a finished run's model, and the sweep registers its best trial's.
 
 
 def module_name(path: Path) -> str:

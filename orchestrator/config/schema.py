@@ -150,6 +150,9 @@ class TrainSection(_Strict):
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
     keep_checkpoints: int = Field(2, ge=1)
     threads_per_worker: Optional[int] = Field(None, ge=1)  # torch intra-op threads on CPU workers
+    # Start from these weights (step 0, a fresh optimizer; not a resume): an export folder (`llip export`,
+    # `llip import-official`; local or s3://) or an MLflow run id or name (its final checkpoint).
+    init_from: Optional[str] = None
 
 
 class ScalingSection(_Strict):
@@ -183,6 +186,7 @@ class ScalingSection(_Strict):
 class MlflowSection(_Strict):
     tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: Optional[str] = None  # None: the experiment's name
+    log_model: bool = True  # the finished run's model as an MLflow model (orchestrator/models/mlflow_model.py)
 
 
 class SearchSpace(_Strict):

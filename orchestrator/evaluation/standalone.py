@@ -16,7 +16,8 @@ def add_args(p) -> None:
     p.add_argument("target", metavar="RUN_ID_OR_CHECKPOINT",
                    help="an MLflow run id or run name (its checkpoint is evaluated and the metrics logged into it), "
                         "or a checkpoint: a directory holding state.pt, the state.pt file, or a run's storage "
-                        "directory (its latest checkpoint_*); local or s3://")
+                        "directory (its latest checkpoint_*); or an export folder (llip export, llip "
+                        "import-official); local or s3://")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH",
                    help="an eval set folder (clip_benchmark wds layout, local or s3://); repeatable; "
                         "default: the sets in the checkpoint's experiment config")
@@ -52,6 +53,10 @@ def cli(args) -> int:
     c = tracking.client(uri) if store_exists else None
     run = None
     looks_like_path = args.target.startswith("s3://") or Path(args.target).exists()
+    from orchestrator.storage.checkpoints import is_export
+
+    if looks_like_path and is_export(args.target):
+        return _eval_export(args, c, uri)
     if not looks_like_path:
         run = _find_run(c, args.target) if c is not None else None
         if run is None:
@@ -102,6 +107,61 @@ def cli(args) -> int:
         exp_id = tracking.experiment_id(c, cfg.mlflow.experiment or cfg.name)
         run = c.create_run(exp_id, run_name=f"eval-{cfg.name}-step{step}",
                            tags={"llip.checkpoint": ckpt_file.rsplit("/", 1)[0], "llip.eval_only": "true",
+                                 "llip.git_commit": tracking.git_commit()})
+        c.set_terminated(run.info.run_id, status="FINISHED")
+    tracking.MetricLogger(uri, run.info.run_id).log(metrics, step)
+    merge_final(c, run.info.run_id, metrics)
+    print(f"\nlogged {len(metrics)} metrics at step {step} into MLflow run {run.info.run_id} "
+          f"({run.data.tags.get('mlflow.runName', '')}) in {uri}")
+    return 0
+
+
+def _eval_export(args, c, uri: str) -> int:
+    """`llip eval EXPORT_DIR --set PATH`: an exported or imported model, logged into the run it was
+    exported from when this store has it, else into an eval-only run of the export's experiment."""
+    import llip_core.pretrained as pretrained
+    from orchestrator.config.schema import parse_config
+    from orchestrator.data.evalsets import inspect_set
+    from orchestrator.evaluation.runner import EvalRunner
+    from orchestrator.storage.checkpoints import local_export
+    from orchestrator.tracking import store as tracking
+
+    try:
+        m = pretrained.load(local_export(args.target))
+    except pretrained.PretrainedError as e:
+        raise UserError(str(e)) from None
+    experiment = m.info.get("experiment")
+    if args.sets:
+        infos = [inspect_set(p, split=args.split, max_samples=args.max_samples).to_dict() for p in args.sets]
+    elif experiment:
+        infos = preflight(parse_config(experiment, source=f"{args.target} (experiment)"))
+        for d in infos:
+            d["max_samples"] = args.max_samples or d.get("max_samples")
+    else:
+        infos = []
+    if not infos:
+        raise UserError(f"{args.target}: an export names no eval sets of its own; pass --set PATH")
+    taus = args.tau or (parse_config(experiment).eval.tau if experiment else None)
+    runner = EvalRunner(infos, m.config.image_size, m.tokenizer, taus=taus if m.pooling == "llip" else None)
+    t0 = time.perf_counter()
+    metrics = runner.run(m.model)
+    source = m.info.get("source") or {}
+    step = int(source.get("step", 0) or 0)
+    print(f"evaluated export {args.target} ({m.pooling}, {source.get('kind', '?')}) in {time.perf_counter() - t0:.1f} s\n")
+    print(format_eval_table(metrics, infos))
+    if args.no_log:
+        return 0
+    c = c or tracking.client(uri)
+    run = None
+    if source.get("run_id"):
+        try:
+            run = c.get_run(source["run_id"])
+        except Exception:
+            run = None
+    if run is None:
+        name = source.get("experiment") or "llip-exports"
+        run = c.create_run(tracking.experiment_id(c, name, uri), run_name=f"eval-{Path(args.target.rstrip('/')).name}",
+                           tags={"llip.export": args.target, "llip.eval_only": "true",
                                  "llip.git_commit": tracking.git_commit()})
         c.set_terminated(run.info.run_id, status="FINISHED")
     tracking.MetricLogger(uri, run.info.run_id).log(metrics, step)

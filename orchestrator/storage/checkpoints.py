@@ -138,3 +138,37 @@ def state_tokenizer_spec(state: dict) -> Optional[dict]:
     spec = cfg.get("tokenizer_spec") if isinstance(cfg, dict) else None
     return spec if isinstance(spec, dict) else None
 
+
+
+# -- export folders (llip_core.pretrained's layout) anywhere ------------------------------------------
+def is_export(path: str) -> bool:
+    """True when `path` (local or s3://) holds an llip export's config.json."""
+    from llip_core.pretrained import CONFIG_FILE
+
+    if path.startswith("s3://"):
+        try:
+            read_url(f"{path.rstrip('/')}/{CONFIG_FILE}")
+            return True
+        except Exception:
+            return False
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def local_export(path: str) -> str:
+    """A local folder holding the export at `path`: the folder itself, or an s3:// export copied to a
+    temporary folder (an export is a handful of files; llip_core reads local files only)."""
+    if not path.startswith("s3://"):
+        return path
+    from llip_core.pretrained import CARD_FILE, CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE
+
+    d = tempfile.mkdtemp(prefix="llip-export-")
+    for name in (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE, CARD_FILE):
+        try:
+            data = read_url(f"{path.rstrip('/')}/{name}")
+        except OSError:  # pyarrow: FileNotFoundError, or OSError for a missing S3 key
+            if name in (CONFIG_FILE, WEIGHTS_FILE):
+                raise UserError(f"{path}: no {name} there; not an llip export folder") from None
+            continue
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(data)
+    return d

@@ -169,5 +169,6 @@ def read_url(url: str) -> bytes:
         fs, path = s3.arrow_filesystem(None), url[len("s3://"):]
     else:
         fs, path = pafs.LocalFileSystem(), str(Path(url).resolve())
-    with fs.open_input_stream(path) as f:
+    # compression=None: pyarrow would otherwise gunzip a *.gz file (an export's BPE merges) on the way
+    with fs.open_input_stream(path, compression=None) as f:
         return f.read()

@@ -105,11 +105,13 @@ def local_paths(cfg: "ExperimentConfig", tracking_uri: Optional[str] = None) -> 
     return out
 
 
-def check_shared_storage(cfg: "ExperimentConfig", tracking_uri: str, spread: bool) -> None:
-    """One line when the workers spread over nodes and the run uses a path only this node sees."""
+def check_shared_storage(cfg: "ExperimentConfig", tracking_uri: str, spread: bool,
+                         also: tuple[tuple[str, str], ...] = ()) -> None:
+    """One line when the workers spread over nodes and the run uses a path only this node sees.
+    `also`: (key, location) the driver resolved itself, e.g. where train.init_from's weights lie."""
     if not spread or cfg.storage_shared:
         return
-    local = local_paths(cfg, tracking_uri)
+    local = local_paths(cfg, tracking_uri) + [(k, v) for k, v in also if v and "://" not in v]
     if not local:
         return
     key, path = local[0]

@@ -562,6 +562,8 @@ def _run_sweep(cfg: ExperimentConfig, max_concurrent_trials: Optional[int], run_
     cmp = compare.compare(c, parent_id)
     if cmp.rows:
         compare.log_to_parent(c, cmp)
+    if cmp.best is not None:
+        register_best(c, uri, parent_id, cmp.best["run_id"], exp)
     c.set_tag(parent_id, "llip.trials", str(counts["total"]))
     c.set_tag(parent_id, "llip.trials_failed", str(counts["failed"]))
     if counts["finished"] == 0:
@@ -571,6 +573,24 @@ def _run_sweep(cfg: ExperimentConfig, max_concurrent_trials: Optional[int], run_
         c.set_terminated(parent_id, status="FINISHED")
     return {"parent_run_id": parent_id, "run_name": run_name, "tracking_uri": uri, "trials": counts["total"],
             "finished": counts["finished"], "comparison": cmp}
+
+
+def register_best(c, uri: str, parent_id: str, best_run_id: str, name: str, alias: str = "best") -> Optional[int]:
+    """The best trial's logged MLflow model registered as NAME@best (NAME: the experiment), so
+    `mlflow.pyfunc.load_model("models:/NAME@best")` follows the newest sweep's winner; None (with a
+    warning and a tag on the parent) when it cannot be done, which never fails the sweep."""
+    from orchestrator.models.register import register_run
+
+    try:
+        name, version = register_run(c, uri, c.get_run(best_run_id), alias, name)
+    except Exception as e:
+        c.set_tag(parent_id, "llip.registered_model_error", f"{type(e).__name__}: {str(e)[:500]}")
+        print(f"[llip] warning: the best trial's model was not registered: {str(e)[:300]}", flush=True)
+        return None
+    c.set_tag(parent_id, "llip.registered_model", f"{name}@{alias} (version {version})")
+    print(f"[llip] registered the best trial's model as {name} version {version}, alias {alias}: "
+          f"models:/{name}@{alias}", flush=True)
+    return version
 
 
 def _new_tuner(cfg: ExperimentConfig, meta: dict[str, Any], run_name: str, limit: Optional[int], tracker):

@@ -49,3 +49,25 @@ def resolve_target(c, target: str):
     runs = [r for r in c.search_runs([exp.experiment_id], max_results=10000, order_by=["attributes.start_time ASC"])
             if "mlflow.parentRunId" not in r.data.tags]
     return None, exp.name, runs
+
+
+def find_run(c, target: str):
+    """A run by id, or by llip run name (newest first, any experiment); None when neither."""
+    if re.fullmatch(r"[0-9a-f]{32}", target):
+        try:
+            return c.get_run(target)
+        except Exception:
+            return None
+    ids = [e.experiment_id for e in c.search_experiments(max_results=10000)]
+    if not ids:
+        return None
+    runs = c.search_runs(ids, filter_string=f"tags.`llip.run_name` = '{quote(target)}'", max_results=1,
+                         order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def run_of_checkpoint(c, ckpt_dir: str):
+    """The training run whose checkpoint folder this is (its llip.checkpoint tag), or None."""
+    ids = [e.experiment_id for e in c.search_experiments(max_results=10000)]
+    hits = c.search_runs(ids, filter_string=f"tags.`llip.checkpoint` = '{quote(ckpt_dir)}'", max_results=1) if ids else []
+    return hits[0] if hits else None

@@ -97,6 +97,15 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
     takes every free CPU and concurrent trials wait for it). `shared_data`: a sweep's shared data
     pass (orchestrator/data/shared_decode.py): the run reads its decoded windows instead of decoding."""
     eval_sets = preflight(cfg)  # before importing Ray Train, which alone takes seconds
+    from orchestrator.training import initweights
+
+    init = initweights.resolve(cfg)  # train.init_from: the source's config and tokenizer, before Ray
+    resolved = None
+    if init is not None:  # its tokenizer is the source's (no captions to scan): check the fit before Ray starts
+        from orchestrator.training.tokenization import resolve as resolve_tokenizer
+
+        resolved = resolve_tokenizer(cfg, run_name, init.tokenizer)
+        initweights.check_fits(resolved[0], init)
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -110,12 +119,13 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
     from orchestrator.tracking.store import resolve_tracking_uri
 
     _, able, spread = worker_nodes(cfg)
-    check_shared_storage(cfg, resolve_tracking_uri(cfg.mlflow.tracking_uri), spread)
+    check_shared_storage(cfg, resolve_tracking_uri(cfg.mlflow.tracking_uri), spread,
+                         also=(("train.init_from", init.location),) if init else ())
     check_nodes_reach_s3(cfg, able)
     from orchestrator.training.tokenization import resolve as resolve_tokenizer
 
     # once per run: the compact vocabulary from the training captions, or a relaunch's checkpoint's
-    cfg, tokenizer = resolve_tokenizer(cfg, run_name)
+    cfg, tokenizer = resolved or resolve_tokenizer(cfg, run_name)
     # the shards' sample counts and the decoder: every epoch's order follows from them and the seed
     # (fails in one line before any MLflow run exists); rank 0 reads the eval sets itself (evaluation.py)
     stats = DataStats.create()
@@ -125,7 +135,7 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
 
         source = attach(source, cfg, shared_data)
     c, uri, run_id, run_name, resumed = start_mlflow_run(
-        cfg, run_name, parent_run_id, {**manifest_tags(cfg), **(tags or {})})
+        cfg, run_name, parent_run_id, {**manifest_tags(cfg), **initweights.tags(init), **(tags or {})})
     print(f"[llip] {'resuming' if resumed else 'starting'} run {run_name} (MLflow run {run_id} in {uri})", flush=True)
     c.log_dict(run_id, tokenizer, "config/tokenizer.json")  # what evaluation of this run must tokenize with
 
@@ -144,6 +154,7 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
             "train_source": source,
             "eval_sets": eval_sets,
             "tokenizer_spec": tokenizer,
+            "init_from": init.to_json() if init else None,
         },
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=worker_request(cfg),
@@ -185,6 +196,8 @@ def run_experiment(cfg: ExperimentConfig, run_name: Optional[str] = None, parent
     _log_curves(c, run_id, dict(result.metrics or {}), cfg.resolved_model().tau)
     _log_final_table(c, run_id, dict(result.metrics or {}))
     _log_final_data_counts(c, run_id, stats, result.metrics or {})
+    if ckpt and cfg.mlflow.log_model:
+        _log_mlflow_model(c, uri, run_id, ckpt)
     c.set_terminated(run_id, status="FINISHED")
     return RunResult(run_id=run_id, run_name=run_name, tracking_uri=uri, metrics=dict(result.metrics or {}),
                      checkpoint=ckpt)
@@ -226,6 +239,29 @@ def unplaced(e: BaseException, cfg: ExperimentConfig) -> Optional[str]:
             f"within scaling.placement_timeout_s={s.placement_timeout_s:g} s; no node came up that holds them "
             f"(alive nodes: {nodes}); add or fix the node type that has them (cluster.yaml), raise "
             "scaling.placement_timeout_s, or ask for fewer or smaller workers")
+
+
+def _log_mlflow_model(c, uri: str, run_id: str, ckpt: str) -> None:
+    """The final checkpoint exported (llip layout) and logged as the run's MLflow model (a pyfunc);
+    `llip register` and `llip sweep` register it. Rank 0 wrote the checkpoint before fit() returned."""
+    import tempfile
+    import time
+
+    from orchestrator.models.export import export_checkpoint
+    from orchestrator.models.mlflow_model import log_model
+    from orchestrator.storage.checkpoints import checkpoint_file
+
+    t0 = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="llip-export-") as d:
+            export_checkpoint(checkpoint_file(ckpt), d, run=c.get_run(run_id), client=c)
+            model_uri = log_model(uri, run_id, d)
+        print(f"[llip] logged the model as {model_uri} in {time.perf_counter() - t0:.1f} s "
+              f"(register it: llip register {run_id} --alias NAME)", flush=True)
+    except Exception as e:  # the run trained and its checkpoint is there: bookkeeping must not fail it
+        c.set_tag(run_id, "llip.mlflow_model_error", f"{type(e).__name__}: {str(e)[:500]}")
+        print(f"[llip] warning: could not log the MLflow model: {type(e).__name__}: {str(e)[:200]} "
+              f"(the checkpoint is fine: llip export {run_id} --out DIR)", flush=True)
 
 
 def _log_final_data_counts(c, run_id: str, stats, metrics: dict[str, Any]) -> None:

@@ -103,9 +103,11 @@ def checkpoint_tokenizer(cfg: "ExperimentConfig", run_name: Optional[str]) -> Op
         return None  # a checkpoint from before tokenizers were stored: the worker's state check decides
 
 
-def run_tokenizer_spec(cfg: "ExperimentConfig", run_name: Optional[str] = None) -> dict:
-    """The spec this run trains with: the checkpoint's on a relaunch, else the YAML's (with the compact
-    table read from the training shards)."""
+def run_tokenizer_spec(cfg: "ExperimentConfig", run_name: Optional[str] = None,
+                       init_spec: Optional[dict] = None) -> dict:
+    """The spec this run trains with: the checkpoint's on a relaunch, else train.init_from's (its
+    weights embed its ids: a compact table is kept as it is, and words it never saw are unknown), else
+    the YAML's (with the compact table read from the training shards)."""
     from llip_core.tokenizer import build_compact_spec, describe
 
     wanted = yaml_spec(cfg)
@@ -113,6 +115,9 @@ def run_tokenizer_spec(cfg: "ExperimentConfig", run_name: Optional[str] = None) 
     if stored is not None:
         check_same_tokenizer(stored, wanted, f"run {run_name}'s checkpoint")
         return stored
+    if init_spec is not None:
+        check_same_tokenizer(init_spec, wanted, f"train.init_from {cfg.train.init_from}")
+        return init_spec
     if wanted["vocab"] != "compact":
         return wanted
     from orchestrator.data.reading import resolve_shards
@@ -135,7 +140,8 @@ def with_vocab_size(cfg: "ExperimentConfig", spec: dict) -> "ExperimentConfig":
     return cfg if cfg.model.vocab_size == n else cfg.with_overrides({"model.vocab_size": n})
 
 
-def resolve(cfg: "ExperimentConfig", run_name: Optional[str] = None) -> tuple["ExperimentConfig", dict[str, Any]]:
+def resolve(cfg: "ExperimentConfig", run_name: Optional[str] = None,
+            init_spec: Optional[dict] = None) -> tuple["ExperimentConfig", dict[str, Any]]:
     """(config with the embedding size the run needs, tokenizer spec): what the driver calls."""
-    spec = run_tokenizer_spec(cfg, run_name)
+    spec = run_tokenizer_spec(cfg, run_name, init_spec)
     return with_vocab_size(cfg, spec), spec

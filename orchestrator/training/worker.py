@@ -135,6 +135,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             from orchestrator.data.plan import describe
 
             say(f"[llip] resumed from checkpoint at step {step}, epoch {epoch} ({describe(data_pos)})")
+    elif config.get("init_from"):
+        # a new run from other weights: every rank loads them (DDP would broadcast rank 0's anyway),
+        # the optimizer and step stay fresh; a relaunch finds this run's own checkpoint above instead
+        from orchestrator.training import initweights
+
+        src = initweights.InitSource.from_json(config["init_from"])
+        initweights.apply(core, initweights.load_weights(src))
+        if rank == 0:
+            say(f"[llip] initialised from {src.given} ({src.kind} {src.location}); step 0, fresh optimizer")
     local_bs = cfg.data.batch_size // world
     source = config["train_source"]  # orchestrator.data.plan.TrainSource, built by the driver
     multi = cfg.data.captions == "all"
