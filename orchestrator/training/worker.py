@@ -18,7 +18,7 @@ from orchestrator.storage.checkpoints import load_latest_state, save_checkpoint
 
 
 def eval_line(step: int, metrics: dict) -> str:
-    """The headline eval figures of this step: R@1 per retrieval set, top-1 per classification set
+    """The headline eval figures of this step: R@1 (and R-precision) per retrieval set, top-1 per classification set
     (for Llip, at every tau evaluated), and the seconds evaluation took."""
     from orchestrator.console import natural_key
 
@@ -28,7 +28,7 @@ def eval_line(step: int, metrics: dict) -> str:
         if name[0] != "eval":
             continue
         last = name[-1]
-        if last == "recall1" or last == "top1" or last.startswith("top1_tau"):
+        if last in ("recall1", "rprec", "top1") or last.startswith("top1_tau"):
             where = "/".join(name[1:-1]) or "held-out"
             parts.append(f"{where} {last} {100 * metrics[k]:.1f}%")
     secs = sum(v for k, v in metrics.items() if k.startswith("eval") and k.endswith("seconds"))
