@@ -109,6 +109,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         literal_scorer=cfg.loss.literal_scorer, chunk_size=cfg.loss.chunk_size,
         multi_caption=cfg.data.captions == "all", diversity_weight=cfg.loss.diversity_weight,
         diversity_margin=cfg.loss.diversity_margin, siglip_init=cfg.loss.siglip_init,
+        init_bias=cfg.loss.init_bias, global_batch=cfg.data.batch_size,
     ).to(device)
     optimizer = build_optimizer(core, cfg.train.lr, cfg.train.betas, cfg.train.eps, cfg.train.weight_decay)
 
@@ -247,6 +248,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "train/loss": loss_mean,
                     "train/lr": lr,
                     "train/logit_scale": core.logit_scale_value(),
+                    # the sigmoid losses' bias (from loss.init_bias); InfoNCE has none
+                    **({"train/logit_bias": float(core.logit_bias.detach())} if core.logit_bias is not None else {}),
                     "train/epoch": float(epoch),
                     **step_metrics(clock.steps, clock.samples, wait, compute, step_flops, peak, world),
                 }
