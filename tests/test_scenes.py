@@ -1,0 +1,185 @@
+"""`llip shards emoji-scenes`: scenes of several real Twemoji, one caption per object, seeded and
+byte-reproducible; evaluation scenes are new combinations of the training concepts, written in
+clip_benchmark's retrieval layout; bad layouts fail in one line naming the option; the evaluation
+runner logs R-precision by number of objects on them."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from orchestrator.cli import main as llip_main
+from orchestrator.data.evalsets import RETRIEVAL, inspect_set, load_set
+from orchestrator.data.scenes import SceneOptions, combined_caption, compose
+from orchestrator.errors import UserError
+
+
+def test_compose_is_seeded_balanced_and_keeps_eval_combinations_out_of_training():
+    opts = SceneOptions(concepts=12, train_scenes=400, eval_scenes=40, seed=3)
+    pool, held, a = compose(opts, 50)
+    assert compose(opts, 50) == (pool, held, a)  # pure and seeded
+    assert compose(SceneOptions(concepts=12, train_scenes=400, eval_scenes=40, seed=4), 50)[2] != a
+    assert len(pool) == 12 and held == [] and set(a) == {"train", "eval"}
+    assert [len(s.concepts) for s in a["eval"]] == [1, 2, 3, 4] * 10  # balanced over m
+    for s in a["train"] + a["eval"]:
+        assert 1 <= len(s.concepts) <= 4 and len(set(s.concepts)) == len(s.concepts) <= 4
+        assert set(s.concepts) <= set(pool)
+        assert list(s.cells) == sorted(set(s.cells)) and all(0 <= c < 4 for c in s.cells)  # reading order
+    train_sets = {frozenset(s.concepts) for s in a["train"]}
+    eval_sets = {frozenset(s.concepts) for s in a["eval"] if len(s.concepts) >= 2}
+    assert eval_sets and not (train_sets & eval_sets)  # new combinations
+    assert {len(s.concepts) for s in a["train"]} == {1, 2, 3, 4}
+
+
+def test_heldout_concepts_never_appear_in_training():
+    pool, held, a = compose(SceneOptions(concepts=10, heldout_concepts=4, train_scenes=200, eval_scenes=20), 30)
+    assert len(held) == 4 and not set(held) & set(pool)
+    assert all(not set(s.concepts) & set(held) for s in a["train"] + a["eval"])
+    assert all(set(s.concepts) & set(held) for s in a["eval_heldout"])
+    assert all(set(s.concepts) <= set(pool) | set(held) for s in a["eval_heldout"])
+
+
+@pytest.mark.parametrize("opts, flag", [
+    (SceneOptions(grid=2, max_objects=5), "--max-objects 5"),
+    (SceneOptions(grid=1, max_objects=2), "--max-objects 2"),
+    (SceneOptions(concepts=3, max_objects=4), "--concepts 3"),
+    (SceneOptions(min_objects=3, max_objects=2), "--min-objects 3"),
+    (SceneOptions(cell=2), "--cell 2"),
+    (SceneOptions(concepts=40, heldout_concepts=20), "--concepts 40 + --heldout-concepts 20"),
+    (SceneOptions(concepts=2, min_objects=2, max_objects=2, train_scenes=5, eval_scenes=1), "--concepts 2"),
+])
+def test_impossible_layouts_and_small_pools_fail_in_one_line_naming_the_option(opts, flag):
+    with pytest.raises(UserError) as e:
+        compose(opts, 50)
+    assert str(e.value).startswith(flag) and "\n" not in str(e.value)
+
+
+def test_cli_bad_layout_is_one_line(tmp_path, capsys):
+    rc = llip_main(["shards", "emoji-scenes", "--out", str(tmp_path / "s"), "--max-objects", "5"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--max-objects 5" in err and "--grid" in err
+    assert not (tmp_path / "s").exists()
+
+
+def _tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            key, ext = m.name.split(".", 1)
+            out.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return out
+
+
+def _occupied_cells(png: bytes, grid: int = 2, cell: int = 16) -> int:
+    a = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert a.shape == (grid * cell, grid * cell, 3)
+    return sum(int((a[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] != 255).any())
+               for r in range(grid) for c in range(grid))
+
+
+ARGS = ["--concepts", "10", "--heldout-concepts", "3", "--train-scenes", "40", "--eval-scenes", "12",
+        "--samples-per-shard", "16", "--seed", "1", "-q"]
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scenes")
+    for name in ("a", "b"):
+        assert llip_main(["shards", "emoji-scenes", "--out", str(root / name), *ARGS]) == 0
+    return root
+
+
+def test_cli_output_is_byte_reproducible(scenes):
+    files = sorted(p.relative_to(scenes / "a") for p in (scenes / "a").rglob("*") if p.is_file())
+    assert {str(f) for f in files} >= {"manifest.json", "train/train-00000.tar", "train/train-00002.tar",
+                                       "eval/test/0.tar", "eval/test/nshards.txt", "eval/dataset_type.txt",
+                                       "eval_heldout/test/0.tar"}
+    for f in files:
+        assert (scenes / "a" / f).read_bytes() == (scenes / "b" / f).read_bytes(), f
+
+
+def test_training_scenes_carry_one_default_caption_per_object(scenes):
+    man = json.loads((scenes / "a" / "manifest.json").read_text())
+    sc = man["scenes"]
+    assert man["source"] == "emoji-scenes" and man["splits"]["train"]["samples"] == 40
+    assert sc["image_size"] == 32 and len(sc["concepts"]) == 10 and len(sc["heldout_concepts"]) == 3
+    assert sum(sc["scenes_per_objects"]["train"].values()) == 40
+    assert sc["scenes_per_objects"]["eval"] == {"1": 3, "2": 3, "3": 3, "4": 3}
+    names, held = set(sc["concepts"]), set(sc["heldout_concepts"])
+    seen_m = set()
+    for tar in sorted((scenes / "a" / "train").glob("*.tar")):
+        for key, mem in _tar_samples(tar).items():
+            first = mem["txt"].decode()
+            if "json" not in mem:  # one object: its name is the only caption
+                objs = [first]
+            else:
+                js = json.loads(mem["json"])
+                objs = [js["captions"][i] for i in js["default"]]
+                assert objs[0] == first and set(js["perspectives"]) == {"object", "scene"}
+                assert [c for c, p in zip(js["captions"], js["perspectives"]) if p == "scene"] == [combined_caption(objs)]
+            assert set(objs) <= names and not set(objs) & held and len(set(objs)) == len(objs)
+            assert _occupied_cells(mem["png"]) == len(objs)  # one drawn cell per captioned object
+            seen_m.add(len(objs))
+    assert seen_m == {1, 2, 3, 4}
+
+
+def test_eval_sets_are_clip_benchmark_retrieval_sets_with_every_object_caption(scenes):
+    man = json.loads((scenes / "a" / "manifest.json").read_text())
+    names, held = set(man["scenes"]["concepts"]), set(man["scenes"]["heldout_concepts"])
+    train_sets = set()
+    for tar in (scenes / "a" / "train").glob("*.tar"):
+        for mem in _tar_samples(tar).values():
+            caps = json.loads(mem["json"]) if "json" in mem else {"captions": [mem["txt"].decode()], "default": [0]}
+            train_sets.add(frozenset(caps["captions"][i] for i in caps["default"]))
+    for name in ("eval", "eval_heldout"):
+        info = inspect_set(str(scenes / "a" / name))
+        assert info.kind == RETRIEVAL and info.samples == 12
+        loaded = load_set(info, 32)
+        assert loaded.images.shape == (12, 32, 32, 3)
+        assert [len(c) for c in loaded.captions] == [1, 2, 3, 4] * 3
+        raw = list(_tar_samples(scenes / "a" / name / "test" / "0.tar").values())
+        assert [_occupied_cells(m["png"]) for m in raw] == [len(c) for c in loaded.captions]
+        for caps in loaded.captions:
+            if name == "eval":
+                assert set(caps) <= names
+                if len(caps) >= 2:
+                    assert frozenset(caps) not in train_sets
+            else:
+                assert set(caps) & held and set(caps) <= names | held
+
+
+def test_eval_runner_logs_rprec_by_objects_and_no_by_m_split_without_several_captions(scenes, tmp_path):
+    """A random micro model on the scenes: rprec, rprec_m1..m4, map and their chance values (m / the
+    number of distinct captions); a one-caption-per-image set gets rprec and map but no rprec_m keys."""
+    import torch
+
+    from llip_core.config import SIZES
+    from llip_core.model import LlipModel
+    from llip_core.tokenizer import WordHashTokenizer
+    from orchestrator.data.evalsets import write_eval_set
+    from orchestrator.evaluation.runner import EvalRunner, format_eval_table
+
+    torch.manual_seed(0)
+    cfg = SIZES["micro"]
+    tok = WordHashTokenizer(cfg.vocab_size, cfg.context_length)
+    single = tmp_path / "single"
+    raw = list(_tar_samples(scenes / "a" / "eval" / "test" / "0.tar").values())
+    write_eval_set(str(single), ((m["png"], "png", [f"image {i}"]) for i, m in enumerate(raw)), RETRIEVAL)
+    infos = [inspect_set(str(scenes / "a" / "eval"), name="scenes").to_dict(),
+             inspect_set(str(single), name="single").to_dict()]
+    out = EvalRunner(infos, cfg.image_size, tok, recall_k=(1, 5)).run(LlipModel(cfg))
+    distinct = len({c for caps in load_set(inspect_set(str(scenes / "a" / "eval")), 16).captions for c in caps})
+    for m in (1, 2, 3, 4):
+        assert 0 <= out[f"eval/scenes/rprec_m{m}"] <= 1
+        assert out[f"eval/scenes/chance_rprec_m{m}"] == pytest.approx(m / distinct)
+    assert 0 <= out["eval/scenes/rprec"] <= 1 and 0 < out["eval/scenes/map"] <= 1
+    assert "eval/single/rprec" in out and "eval/single/map" in out
+    assert not any(k.startswith("eval/single/rprec_m") or k.startswith("eval/single/chance_rprec_m") for k in out)
+    table = format_eval_table(out, infos)
+    row = next(ln for ln in table.splitlines() if ln.split()[:2] == ["scenes", "rprec_m2"])
+    assert row.split()[-1] == f"{100 * 2 / distinct:.2f}%"  # its chance column
