@@ -292,6 +292,22 @@ class SweepSection(_Strict):
     scheduler: Optional[SchedulerSection] = None
     max_concurrent_trials: Optional[int] = Field(None, ge=1)  # None: derived from cluster resources
     shared_data: "SharedDataSection" = Field(default_factory=lambda: SharedDataSection())
+    # `llip report`'s paired comparisons: [configuration, baseline] pairs of variant names, each
+    # compared seed by seed; None: every configuration against clip (or --baseline).
+    pairs: Optional[list[tuple[str, str]]] = None
+
+    @model_validator(mode="after")
+    def _pairs_name_variants(self):
+        if self.pairs:
+            names = list(self.variants or {})
+            for a, b in self.pairs:
+                bad = next((x for x in (a, b) if x not in names), None)
+                if bad is not None:
+                    raise ValueError(f"sweep.pairs: {bad!r} is not a variant (variants: {', '.join(names) or 'none'}); "
+                                     "pair names from sweep.variants")
+                if a == b:
+                    raise ValueError(f"sweep.pairs: [{a}, {b}] pairs a variant with itself")
+        return self
 
 
 class SharedDataSection(_Strict):

@@ -459,7 +459,9 @@ def run_sweep(cfg: ExperimentConfig, max_concurrent_trials: Optional[int] = None
         swept = (["variant"] if sw.variants else []) + sorted(sw.params)
         c, uri, parent_id, run_name, _ = start_mlflow_run(
             cfg, run_name, tags={"llip.sweep": "true", "llip.sweep.params": json.dumps(swept),
-                                 "llip.sweep.metric": sw.metric, "llip.sweep.mode": sw.mode, **manifest_tags(cfg)})
+                                 "llip.sweep.metric": sw.metric, "llip.sweep.mode": sw.mode, **manifest_tags(cfg),
+                                 # llip report's paired comparisons (sweep.pairs)
+                                 **({"llip.sweep.pairs": json.dumps(sw.pairs)} if sw.pairs else {})})
     else:
         parent_id = previous.info.run_id
         c.update_run(parent_id, status="RUNNING")
