@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -183,3 +184,108 @@ def test_eval_runner_logs_rprec_by_objects_and_no_by_m_split_without_several_cap
     table = format_eval_table(out, infos)
     row = next(ln for ln in table.splitlines() if ln.split()[:2] == ["scenes", "rprec_m2"])
     assert row.split()[-1] == f"{100 * 2 / distinct:.2f}%"  # its chance column
+
+
+def test_scenes_reproduce_yaml_is_equal_budget_and_poses_the_four_questions():
+    """9 named configurations x 3 seeds, differing only in their variant's own keys (and what those
+    resolve: pooling, the initial bias), with one declared pair per comparison the README reads."""
+    from orchestrator.config.schema import load_config
+    from orchestrator.sweeps.tune import check_sweep, count_trials
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    cfg = load_config(root / "scenes_reproduce.yaml")
+    check_sweep(cfg)
+    assert count_trials(cfg) == 27 and cfg.sweep.params["seed"].grid == [0, 1, 2]
+    assert cfg.sweep.metric == "eval/scenes/rprec" and [s.name for s in cfg.eval.sets] == ["scenes"]
+    flats = {name: cfg.with_overrides(ov).flat() for name, ov in cfg.sweep.variants.items()}
+    allowed = {"loss.type", "model.pooling", "model.cross_heads", "loss.init_bias", "loss.init_logit_bias"}
+    for name, f in flats.items():
+        differ = {k for k in set(flats["clip"]) | set(f) if flats["clip"].get(k) != f.get(k)}
+        assert differ <= allowed, (name, differ - allowed)
+        assert f["model.mixture_tokens"] == 8 and f["data.batch_size"] == 128 and f["train.steps"] == cfg.train.steps
+    auto = -np.log(128)
+    bias = {n: f["loss.init_logit_bias"] for n, f in flats.items()}
+    assert bias["clip"] is None and bias["llip_k8_infonce"] is None and bias["avg_k8_clip"] is None
+    assert bias["siglip_b10"] == bias["llip_k8_b10"] == -10.0
+    assert all(bias[n] == pytest.approx(auto, abs=1e-5) for n in ("siglip", "llip_k8", "avg_k8", "llip_k8_h1"))
+    assert flats["llip_k8_h1"]["model.cross_heads"] == 1 and flats["llip_k8"]["model.cross_heads"] == 8
+    assert flats["avg_k8"]["model.pooling"] == "avg" and flats["avg_k8_clip"]["model.pooling"] == "avg"
+    pairs = {tuple(p) for p in cfg.sweep.pairs}
+    # 1. conditioning or capacity, both losses; 2. baselines; 3. bias prior; 4. heads
+    assert {("llip_k8", "avg_k8"), ("llip_k8_infonce", "avg_k8_clip"), ("llip_k8", "siglip"),
+            ("llip_k8_infonce", "clip"), ("siglip", "siglip_b10"), ("llip_k8", "llip_k8_b10"),
+            ("llip_k8_h1", "llip_k8")} == pairs
+    for a, b in pairs:  # each pair differs in exactly the question's keys
+        differ = {k for k in flats[a] if flats[a][k] != flats[b].get(k)} - {"loss.init_logit_bias", "loss.init_bias"}
+        assert len(differ) <= 2, (a, b, differ)
+
+
+def test_sweep_pairs_must_name_variants(tmp_path):
+    from orchestrator.config.schema import ConfigError, load_config
+
+    p = tmp_path / "x.yaml"
+    p.write_text("name: x\nsweep:\n  variants: {a: {loss.type: clip}, b: {loss.type: siglip}}\n"
+                 "  pairs: [[a, c]]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "sweep.pairs: 'c' is not a variant" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_scenes_sweep_and_report_end_to_end(scenes, cli_env, tmp_path):
+    """scenes.yaml swept as scenes_reproduce.yaml sweeps it, shrunk (2 of its configurations with
+    their declared pair, 2 seeds, 6 steps; a child's sweep.variants would merge with the parent's,
+    so the sweep is written whole), through `llip sweep` and `llip report` on a real local Ray and a
+    real MLflow store: the
+    trials log R-precision by m and mAP on the scenes, record the resolved initial bias (auto: -ln
+    of the batch) and the bias's curve, and the report pairs what sweep.pairs declares, by m."""
+    import math
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    root = Path(__file__).resolve().parents[1]
+    exp = tmp_path / "mini.yaml"
+    exp.write_text(f"""
+base: {root / 'experiments' / 'scenes.yaml'}
+name: scenes_mini
+data: {{train: {scenes / 'a' / 'train'}, batch_size: 16, shuffle_buffer: 16}}
+train: {{steps: 6, log_every: 3, warmup_steps: 1}}
+eval: {{every: 3, sets: [{{path: {scenes / 'a' / 'eval'}, name: scenes}}]}}
+storage_path: {tmp_path / 'runs'}
+sweep:
+  variants:
+    llip_k8: {{loss.type: llip}}
+    avg_k8: {{loss.type: siglip, model.pooling: avg}}
+  params:
+    seed: {{grid: [0, 1]}}
+  pairs: [[llip_k8, avg_k8]]
+  metric: eval/scenes/rprec
+""")
+    r = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(exp), "--max-concurrent-trials", "2"],
+                       cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=780)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    c = MlflowClient(cli_env["MLFLOW_TRACKING_URI"])
+    runs = c.search_runs([c.get_experiment_by_name("scenes_mini").experiment_id], max_results=20)
+    parent = next(x for x in runs if x.data.tags.get("llip.sweep") == "true")
+    assert json.loads(parent.data.tags["llip.sweep.pairs"]) == [["llip_k8", "avg_k8"]]
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and all(x.info.status == "FINISHED" for x in children)
+    for x in children:
+        m = x.data.metrics
+        assert {f"eval/scenes/rprec_m{k}" for k in (1, 2, 3, 4)} <= set(m) and "eval/scenes/map" in m
+        assert 0 <= m["eval/scenes/rprec"] <= 1
+        assert x.data.params["loss.init_bias"] == "auto"
+        assert float(x.data.params["loss.init_logit_bias"]) == pytest.approx(-math.log(16), abs=1e-5)
+        bias = sorted(c.get_metric_history(x.info.run_id, "train/logit_bias"), key=lambda h: h.step)
+        assert [h.step for h in bias] == [3, 6] and abs(bias[0].value + math.log(16)) < 0.05  # started at the prior
+    r = subprocess.run([sys.executable, "-m", "orchestrator", "report", parent.info.run_id], cwd=tmp_path,
+                       env=cli_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "eval/scenes: R-precision by m" in r.stdout and "paired by seed (sweep.pairs):" in r.stdout
+    row = next(ln.split() for ln in r.stdout.splitlines() if ln.split()[:3] == ["llip_k8", "avg_k8", "eval/scenes/rprec_m4"])
+    assert re.fullmatch(r"[+-]\d\.\d{4}", row[3]) and row[5] == "2", row  # a mean difference over 2 seeds
+    names = {a.path.rsplit("/", 1)[-1] for a in c.list_artifacts(parent.info.run_id, "report")}
+    assert {"report.md", "rprec_by_m.png"} <= names
