@@ -345,7 +345,7 @@ def test_scene_report_rprec_by_m_declared_pairs_and_what_ran(tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", pid, "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
-    assert "eval/scenes: R-precision by m" in out and "paired by seed (sweep.pairs):" in out
+    assert "eval/scenes: R-precision by m" in out and "paired by seed (declared pairs):" in out
     names = {os.path.basename(a.path) for a in c.list_artifacts(pid, "report")}
     assert "rprec_by_m.png" in names
     with tempfile.TemporaryDirectory() as d:
@@ -363,9 +363,13 @@ def test_scene_report_rprec_by_m_declared_pairs_and_what_ran(tmp_path, capsys):
 def test_declared_pair_without_finished_trials_is_a_note_and_no_by_m_without_split(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c, pid = make_scene_sweep(uri, [["llip", "ghost"], ["llip", "avg"]])
+    for r in c.search_runs([c.get_run(pid).info.experiment_id], "tags.`llip.variant` = 'llip'"):
+        c.log_metric(r.info.run_id, "eval/other/rprec", 0.5, step=400)  # a set only Llip evaluated
     rep = report.collect(c, pid)
     assert rep.pairs == [("llip", "avg")]
     assert any("sweep.pairs [llip, ghost]: no finished trial of ghost" in n for n in rep.notes)
+    row = next(r for r in report.paired_rows(rep) if r[2] == "eval/other/rprec")
+    assert row[-1] == "not logged by avg"
     # the single-object sweep above has no rprec_m metrics: no by-m tables, no by-m figure
     uri2 = f"sqlite:///{tmp_path / 'mlflow2.db'}"
     c2, pid2 = make_sweep(uri2, "single", [(cfg, s, R1[cfg][s], FM[cfg][s]) for cfg in R1 for s in (0, 1, 2)])

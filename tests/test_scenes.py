@@ -284,7 +284,7 @@ sweep:
     r = subprocess.run([sys.executable, "-m", "orchestrator", "report", parent.info.run_id], cwd=tmp_path,
                        env=cli_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    assert "eval/scenes: R-precision by m" in r.stdout and "paired by seed (sweep.pairs):" in r.stdout
+    assert "eval/scenes: R-precision by m" in r.stdout and "paired by seed (declared pairs):" in r.stdout
     row = next(ln.split() for ln in r.stdout.splitlines() if ln.split()[:3] == ["llip_k8", "avg_k8", "eval/scenes/rprec_m4"])
     assert re.fullmatch(r"[+-]\d\.\d{4}", row[3]) and row[5] == "2", row  # a mean difference over 2 seeds
     names = {a.path.rsplit("/", 1)[-1] for a in c.list_artifacts(parent.info.run_id, "report")}

@@ -275,7 +275,7 @@ def collect(c, target: str, baseline: Optional[str] = None, pairs: Optional[list
         if re.fullmatch(r"eval(/[^/]+)?/(rprec|rprec_m\d+|map)", k) and k not in headline:
             headline.append(k)
     headline += [k for k in present if re.fullmatch(r"eval/[^/]+/top1", k) and k not in headline]
-    if "train/loss" in present:
+    if "train/loss" in present and "train/loss" not in headline:
         headline.append("train/loss")
     metrics = headline + [k for k in present if k not in headline]
     return Report(parent, exp_name, trials, configs, headline, metrics, baseline, notes, declared)
@@ -308,7 +308,10 @@ def summary_rows(rep: Report, metrics: Optional[list[str]] = None) -> list[list[
 def paired_rows(rep: Report) -> list[list[str]]:
     rows = []
     for p in rep.paired():
-        if p.n == 0:
+        missing = [c for c in (p.config, p.baseline) if not rep.values(c, p.metric)]
+        if missing:
+            verdict = f"not logged by {' and '.join(missing)}"
+        elif p.n == 0:
             verdict = "no shared seeds"
         elif p.exceeds is None:
             verdict = "cannot tell (fewer than 2 seeds)"
@@ -375,6 +378,7 @@ def by_m_tables(rep: Report) -> list[tuple[str, list[str], list[list[str]], list
         labels = ["rprec (all)" if c.endswith("/rprec") else "mAP" if c.endswith("/map")
                   else "m=" + c.rsplit("_m", 1)[1] for c in cols]
         rows = [[cfg] + [_pm(rep.stat(cfg, c)) for c in cols] for cfg in rep.configs]
+        rows = [r for r in rows if any(x != "-" for x in r[1:])]  # configurations that evaluated this set
         prow = []
         for cfg, base in rep.comparisons():
             cells = []
@@ -385,7 +389,8 @@ def by_m_tables(rep: Report) -> list[tuple[str, list[str], list[list[str]], list
                     continue
                 cell = _num(p.mean, signed=True) + (f" +- {p.std:.4f}" if p.std is not None else "")
                 cells.append(cell + (" *" if p.exceeds else ""))
-            prow.append([cfg, base] + cells)
+            if any(x != "-" for x in cells):
+                prow.append([cfg, base] + cells)
         out.append((prefix, ["configuration"] + labels, rows, ["configuration", "baseline"] + labels, prow))
     return out
 
@@ -438,7 +443,7 @@ def _sections(rep: Report) -> list[tuple[str, Any]]:
                              "* where |mean difference| exceeds the seed-to-seed spread."),
                        ("table", (phead, prows))]
     if rep.comparisons():
-        title = "Paired by seed (sweep.pairs)" if rep.pairs else f"Paired by seed against {rep.baseline}"
+        title = "Paired by seed (declared pairs)" if rep.pairs else f"Paired by seed against {rep.baseline}"
         blocks += [("h2", title),
                    ("p", "diff = configuration - baseline at the same seed (same data order). The seed-to-seed "
                          "spread is the larger of the two configurations' standard deviations; a mean difference "
@@ -619,7 +624,7 @@ def console_text(rep: Report) -> str:
         if prows:
             out += ["", f"{prefix}: paired by seed, by m (* |mean diff| > seed-to-seed spread):", format_text(phead, prows)]
     if rep.comparisons():
-        title = "paired by seed (sweep.pairs):" if rep.pairs else f"paired by seed against {rep.baseline}:"
+        title = "paired by seed (declared pairs):" if rep.pairs else f"paired by seed against {rep.baseline}:"
         out += ["", title, format_text(paired_head(rep), paired_rows(rep))]
     out += ([""] if rep.notes else []) + [f"note: {n}" for n in rep.notes]
     return "\n".join(out)
