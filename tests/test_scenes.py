@@ -181,6 +181,10 @@ def test_eval_runner_logs_rprec_by_objects_and_no_by_m_split_without_several_cap
     assert 0 <= out["eval/scenes/rprec"] <= 1 and 0 < out["eval/scenes/map"] <= 1
     assert "eval/single/rprec" in out and "eval/single/map" in out
     assert not any(k.startswith("eval/single/rprec_m") or k.startswith("eval/single/chance_rprec_m") for k in out)
+    from orchestrator.evaluation.runner import curve_keys
+
+    curves = curve_keys(out)
+    assert "eval/scenes/rprec" in curves and "eval/single/rprec" not in curves and "eval/scenes/recall1" in curves
     table = format_eval_table(out, infos)
     row = next(ln for ln in table.splitlines() if ln.split()[:2] == ["scenes", "rprec_m2"])
     assert row.split()[-1] == f"{100 * 2 / distinct:.2f}%"  # its chance column

@@ -158,7 +158,8 @@ def runner_for(cfg, infos: Sequence[dict], tokenizer_spec: Optional[dict] = None
 
 def curve_keys(metrics: dict, tau: Optional[float] = None) -> list[str]:
     """The metrics plotted over steps: training loss, then each set's headline: recall1, top1, or with
-    several taus the top-1 at the model's own tau (else the first listed)."""
+    several taus the top-1 at the model's own tau (else the first listed), and R-precision on sets
+    whose images have several captions."""
     keys = ["train/loss"]
     sets = sorted({k.split("/")[1] for k in metrics if k.count("/") == 2 and k.startswith("eval/")})
     if "eval/recall1" in metrics:
@@ -169,6 +170,8 @@ def curve_keys(metrics: dict, tau: Optional[float] = None) -> list[str]:
         hit = next((k for k in cands if k in metrics), None)
         if hit:
             keys.append(hit)
+        if any(k.startswith(f"eval/{s}/rprec_m") for k in metrics):  # several captions per image: R-precision too
+            keys.append(f"eval/{s}/rprec")
     keys.append("train/logit_scale")
     return keys
 
