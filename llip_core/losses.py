@@ -446,6 +446,37 @@ LOSS_INITS = {
 SIGLIP_INITS = {"open_clip": (math.log(1 / 0.07), -10.0), "siglip_paper": (math.log(10.0), -10.0)}
 
 
+def prior_bias(global_batch: int) -> float:
+    """SigLIP's prior argument for the bias: with one positive among n texts per image, a logit of
+    about -ln n makes the initial sigmoid match the fraction of positives. -10 (every released Llip
+    and open_clip SigLIP config) is -ln 22,026, right for the paper's 32k batch; at batch 128 the
+    prior is -ln 128 = -4.85."""
+    if global_batch < 2:
+        raise ValueError(f"the prior bias needs a global batch of at least 2 (got {global_batch})")
+    return -math.log(global_batch)
+
+
+def initial_logits(loss_type: str, siglip_init: str = "open_clip", init_bias: float | str | None = None,
+                   global_batch: int | None = None) -> tuple[float, float | None]:
+    """(initial log logit scale, initial logit bias or None) of a loss type. init_bias replaces the
+    sigmoid losses' -10: a number, or "auto" = prior_bias(global_batch); the InfoNCE losses have no
+    bias (they are invariant to a shared one) and ignore it."""
+    if loss_type not in LOSS_INITS:
+        raise ValueError(f"unknown loss type {loss_type!r}; choose one of {LOSS_TYPES}")
+    if siglip_init not in SIGLIP_INITS:
+        raise ValueError(f"unknown siglip_init {siglip_init!r}; choose one of {', '.join(SIGLIP_INITS)}")
+    log_scale, bias = SIGLIP_INITS[siglip_init] if loss_type == "siglip" else LOSS_INITS[loss_type]
+    if bias is None or init_bias is None:
+        return log_scale, bias
+    if init_bias == "auto":
+        if global_batch is None:
+            raise ValueError("init_bias 'auto' is -ln(global batch): pass global_batch")
+        return log_scale, prior_bias(global_batch)
+    if isinstance(init_bias, str) or not math.isfinite(float(init_bias)):
+        raise ValueError(f"init_bias {init_bias!r}: give a finite number or 'auto'")
+    return log_scale, float(init_bias)
+
+
 def build_loss(loss_type: str, rank: int = 0, world_size: int = 1, tau: float = 5.0,
                literal_scorer: bool = False, chunk_size: int | None = None, group=None,
                multi_caption: bool = False, diversity_weight: float = 1.0,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from llip_core.config import ModelConfig
-from llip_core.losses import LOSS_INITS, LOSS_TYPES, SIGLIP_INITS, build_loss
+from llip_core.losses import LOSS_TYPES, build_loss, initial_logits
 from llip_core.model import LlipModel
 
 MAX_LOG_SCALE = math.log(100.0)  # log s clamped to [0, ln 100] after each step (CLIP, Llip)
@@ -65,9 +65,11 @@ class Task(nn.Module):
 def build_task(model_cfg: ModelConfig, loss_type: str, rank: int = 0, world_size: int = 1,
                literal_scorer: bool = False, chunk_size: int | None = None, group=None,
                multi_caption: bool = False, diversity_weight: float = 1.0, diversity_margin: float = 0.7,
-               siglip_init: str = "open_clip") -> Task:
+               siglip_init: str = "open_clip", init_bias: float | str | None = None,
+               global_batch: int | None = None) -> Task:
     """chunk_size: images per chunk of the Llip scorer; None sizes chunks from a memory budget
-    (losses.PAIR_BUDGET), the better choice on CPU."""
+    (losses.PAIR_BUDGET), the better choice on CPU. init_bias: the sigmoid losses' initial bias
+    instead of -10, a number or "auto" = -ln(global_batch) (losses.initial_logits)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss type {loss_type!r}; choose one of {LOSS_TYPES}")
     if loss_type == "holistic" and model_cfg.pooling != "multi_cls":
@@ -86,7 +88,5 @@ def build_task(model_cfg: ModelConfig, loss_type: str, rank: int = 0, world_size
     loss = build_loss(loss_type, rank, world_size, tau=model_cfg.tau, literal_scorer=literal_scorer,
                       chunk_size=chunk_size, group=group, multi_caption=multi_caption,
                       diversity_weight=diversity_weight, diversity_margin=diversity_margin)
-    if siglip_init not in SIGLIP_INITS:
-        raise ValueError(f"unknown siglip_init {siglip_init!r}; choose one of {', '.join(SIGLIP_INITS)}")
-    init = SIGLIP_INITS[siglip_init] if loss_type == "siglip" else LOSS_INITS[loss_type]
+    init = initial_logits(loss_type, siglip_init, init_bias, global_batch)
     return Task(LlipModel(model_cfg), loss, *init)

@@ -1,4 +1,5 @@
 """Checks that need no cluster run before Ray is imported, and `llip --version` tells the commit."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,11 @@ sys.exit(rc)
 
 
 def _llip(tmp_path, *args):
+    # a bare environment, but the same code: a worktree's PYTHONPATH (ahead of the venv's editable install) stays
+    env = {"PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db",
+           **({"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {})}
     return subprocess.run([sys.executable, "-c", PROBE, *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, env={"PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+                          timeout=120, env=env)
 
 
 def test_missing_local_shards_fail_before_ray(tmp_path):

@@ -26,7 +26,11 @@ def test_every_experiment_validates(path):
     cfg = load_config(path)
     assert cfg.name
     # The header comment says how to launch it (docs/architecture.md: each file opens with what, how, cost).
-    assert path.read_text().startswith("#")
+    text = path.read_text()
+    assert text.startswith("#")
+    if path.name != "base.yaml":  # the defaults, not an experiment to launch
+        header = [ln for ln in text.splitlines() if ln.startswith("#")]
+        assert any(ln.startswith("# Launch:") for ln in header) and any(ln.startswith("# Cost:") for ln in header)
 
 
 def test_experiments_exist():

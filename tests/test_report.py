@@ -193,7 +193,7 @@ def test_reproduce_yaml_variants_are_equal_budget_and_cross_seeds():
     assert count_trials(cfg) == 15
     assert list(cfg.sweep.params) == ["seed"] and cfg.sweep.params["seed"].grid == [0, 1, 2]
     flats = {name: cfg.with_overrides(ov).flat() for name, ov in cfg.sweep.variants.items()}
-    allowed = {"loss.type", "model.pooling", "model.mixture_tokens"}
+    allowed = {"loss.type", "model.pooling", "model.mixture_tokens", "loss.init_logit_bias"}  # the last follows loss.type
     base = flats["clip"]
     for name, f in flats.items():
         differ = {k for k in set(base) | set(f) if base.get(k) != f.get(k)}
@@ -269,3 +269,111 @@ def test_same_seed_same_sample_stream_across_configurations(emoji_shards, cli_en
                                  {"loss.type": "clip", "seed": 1})
     assert llip0 == clip0 and avg0 == clip0  # another process, other models: the same stream
     assert clip1 != clip0
+
+
+# -- scenes: R-precision by m, declared pairs, what ran ------------------------------------------------
+# configuration -> seed -> {m: final eval/scenes/rprec_m<m>}; rprec and map derived below
+RP = {
+    "llip": {0: {1: 0.99, 2: 0.90, 3: 0.80}, 1: {1: 0.98, 2: 0.88, 3: 0.79}, 2: {1: 0.99, 2: 0.91, 3: 0.83}},
+    "avg": {0: {1: 0.99, 2: 0.89, 3: 0.70}, 1: {1: 0.98, 2: 0.90, 3: 0.72}, 2: {1: 1.00, 2: 0.87, 3: 0.71}},
+    "siglip": {0: {1: 0.97, 2: 0.80, 3: 0.60}, 1: {1: 0.96, 2: 0.83, 3: 0.66}, 2: {1: 0.98, 2: 0.79, 3: 0.62}},
+}
+INIT = {"llip": ("llip", "llip", "-4.85203"), "avg": ("siglip", "avg", "-4.85203"), "siglip": ("siglip", "cls", "-10.0")}
+
+
+def make_scene_sweep(uri, pairs):
+    c = MlflowClient(uri)
+    exp = experiment_id(c, "scenes_rep")
+    tags = {"llip.sweep": "true", "llip.run_name": "scenes-sweep", "llip.sweep.params": json.dumps(["variant", "seed"]),
+            "llip.sweep.metric": "eval/scenes/rprec", "llip.sweep.mode": "max"}
+    if pairs is not None:
+        tags["llip.sweep.pairs"] = json.dumps(pairs)
+    pid = c.create_run(exp, run_name="scenes-sweep", tags=tags).info.run_id
+    for cfg, per_seed in RP.items():
+        for seed, by_m in per_seed.items():
+            rid = c.create_run(exp, run_name=f"{cfg}-{seed}", tags={"mlflow.parentRunId": pid,
+                                                                     "llip.variant": cfg}).info.run_id
+            loss, pooling, bias = INIT[cfg]
+            for k, v in {"seed": seed, "loss.type": loss, "model.pooling": pooling, "model.mixture_tokens": 8,
+                         "model.cross_heads": 8, "model.tau": 5.0, "loss.init_logit_scale": 14.285714,
+                         "loss.init_logit_bias": bias, "train.steps": 400, "data.batch_size": 128}.items():
+                c.log_param(rid, k, str(v))
+            for m, v in by_m.items():
+                c.log_metric(rid, f"eval/scenes/rprec_m{m}", v, step=400)
+                c.log_metric(rid, f"eval/scenes/chance_rprec_m{m}", m / 200, step=400)
+            c.log_metric(rid, "eval/scenes/rprec", ref_mean(list(by_m.values())), step=400)
+            c.log_metric(rid, "eval/scenes/map", ref_mean(list(by_m.values())) - 0.1, step=400)
+            c.log_metric(rid, "eval/scenes/recall1", 0.5, step=400)
+            c.log_metric(rid, "train/loss", 1.0, step=400)
+            c.set_terminated(rid, "FINISHED")
+    c.set_terminated(pid, "FINISHED")
+    return c, pid
+
+
+def test_scene_report_rprec_by_m_declared_pairs_and_what_ran(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c, pid = make_scene_sweep(uri, [["llip", "avg"], ["llip", "siglip"]])
+    rep = report.collect(c, pid)
+    assert rep.pairs == [("llip", "avg"), ("llip", "siglip")] and rep.baseline is None
+    assert rep.headline[:5] == ["eval/scenes/rprec", "eval/scenes/map", "eval/scenes/rprec_m1",
+                                "eval/scenes/rprec_m2", "eval/scenes/rprec_m3"]
+    assert not any("chance" in m for m in rep.metrics)
+    # paired by seed, by m: exactly the declared pairs, each m its own comparison
+    pairs = {(p.config, p.baseline, p.metric): p for p in rep.paired()}
+    assert {(a, b) for a, b, _ in pairs} == {("llip", "avg"), ("llip", "siglip")}
+    for m in (1, 2, 3):
+        d = [RP["llip"][s][m] - RP["avg"][s][m] for s in (0, 1, 2)]
+        p = pairs[("llip", "avg", f"eval/scenes/rprec_m{m}")]
+        assert p.mean == pytest.approx(ref_mean(d), abs=1e-12) and p.std == pytest.approx(ref_std(d), abs=1e-12)
+    # at m = 3 Llip's lead over avg (+0.097) is far beyond the spread; at m = 1 (-0.003) it is not
+    assert pairs[("llip", "avg", "eval/scenes/rprec_m3")].exceeds is True
+    assert pairs[("llip", "avg", "eval/scenes/rprec_m1")].exceeds is False
+    ((prefix, head, rows, phead, prows),) = report.by_m_tables(rep)
+    assert prefix == "eval/scenes" and head == ["configuration", "rprec (all)", "m=1", "m=2", "m=3", "mAP"]
+    row = next(r for r in rows if r[0] == "avg")
+    xs = [RP["avg"][s][3] for s in (0, 1, 2)]
+    assert row[4] == f"{ref_mean(xs):.4f} +- {ref_std(xs):.4f}"
+    prow = next(r for r in prows if r[:2] == ["llip", "avg"])
+    d3 = [RP["llip"][s][3] - RP["avg"][s][3] for s in (0, 1, 2)]
+    assert prow[5] == f"{ref_mean(d3):+.4f} +- {ref_std(d3):.4f} *" and not prow[3].endswith("*")
+    head, rows = report.what_ran(rep)
+    ran = {r[0]: dict(zip(head, r)) for r in rows}
+    assert ran["siglip"]["init bias"] == "-10.0" and ran["llip"]["init bias"] == "-4.85203"
+    assert ran["siglip"]["K"] == "-" and ran["avg"]["K"] == "8" and ran["avg"]["heads"] == "-"
+    assert ran["llip"]["heads"] == "8" and ran["llip"]["loss"] == "llip"
+    # the CLI prints and logs the by-m tables and figure; --pair replaces the declared pairs
+    capsys.readouterr()
+    assert main(["report", pid, "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "eval/scenes: R-precision by m" in out and "paired by seed (declared pairs):" in out
+    names = {os.path.basename(a.path) for a in c.list_artifacts(pid, "report")}
+    assert "rprec_by_m.png" in names
+    with tempfile.TemporaryDirectory() as d:
+        md = open(c.download_artifacts(pid, "report/report.md", d)).read()
+    assert "## What ran" in md and "R-precision by number of true captions m" in md
+    assert main(["report", pid, "--tracking-uri", uri, "--pair", "avg:siglip", "--no-log"]) == 0
+    out = capsys.readouterr().out
+    assert "| avg" not in out and any(ln.split()[:2] == ["avg", "siglip"] for ln in out.splitlines())
+    assert not any(ln.split()[:2] == ["llip", "avg"] for ln in out.splitlines())
+    assert main(["report", pid, "--tracking-uri", uri, "--pair", "llip:clip", "--no-log"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--pair llip:clip" in err and "'clip'" in err and len(err.splitlines()) == 1
+
+
+def test_declared_pair_without_finished_trials_is_a_note_and_no_by_m_without_split(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c, pid = make_scene_sweep(uri, [["llip", "ghost"], ["llip", "avg"]])
+    for r in c.search_runs([c.get_run(pid).info.experiment_id], "tags.`llip.variant` = 'llip'"):
+        c.log_metric(r.info.run_id, "eval/other/rprec", 0.5, step=400)  # a set only Llip evaluated
+    rep = report.collect(c, pid)
+    assert rep.pairs == [("llip", "avg")]
+    assert any("sweep.pairs [llip, ghost]: no finished trial of ghost" in n for n in rep.notes)
+    row = next(r for r in report.paired_rows(rep) if r[2] == "eval/other/rprec")
+    assert row[-1] == "not logged by avg"
+    # the single-object sweep above has no rprec_m metrics: no by-m tables, no by-m figure
+    uri2 = f"sqlite:///{tmp_path / 'mlflow2.db'}"
+    c2, pid2 = make_sweep(uri2, "single", [(cfg, s, R1[cfg][s], FM[cfg][s]) for cfg in R1 for s in (0, 1, 2)])
+    rep2 = report.collect(c2, pid2)
+    assert report.by_m_tables(rep2) == [] and rep2.by_m_sets() == {}
+    files = {p.name for p in report.write(c2, rep2, tmp_path / "out")}
+    assert "rprec_by_m.png" not in files and "curves.png" in files

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -89,6 +90,23 @@ class LossSection(_Strict):
     # siglip only: open_clip: scale 1/0.07, bias -10 (open_clip's SigLIP configs, Llip's baseline);
     # siglip_paper: scale 10, bias -10 (the SigLIP paper)
     siglip_init: Literal["open_clip", "siglip_paper"] = "open_clip"
+    # the sigmoid losses' (siglip, llip) initial bias: None keeps -10 (every released config: the prior
+    # -ln n of a ~22k-text batch); a number; or auto = -ln(data.batch_size), SigLIP's prior argument at
+    # this run's global batch. The InfoNCE losses have no bias. Logged resolved as loss.init_logit_bias.
+    init_bias: Optional[Union[float, Literal["auto"]]] = None
+
+    @field_validator("init_bias", mode="before")
+    @classmethod
+    def _init_bias(cls, v):
+        if v is None or v == "auto":
+            return v
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = float("nan")
+        if isinstance(v, bool) or f != f or f in (float("inf"), float("-inf")):
+            raise ValueError(f"{v!r}: give a number (e.g. -10) or auto (-ln of data.batch_size)")
+        return f
 
 
 class S3Section(_Strict):
@@ -298,6 +316,22 @@ class SweepSection(_Strict):
     scheduler: Optional[SchedulerSection] = None
     max_concurrent_trials: Optional[int] = Field(None, ge=1)  # None: derived from cluster resources
     shared_data: "SharedDataSection" = Field(default_factory=lambda: SharedDataSection())
+    # `llip report`'s paired comparisons: [configuration, baseline] pairs of variant names, each
+    # compared seed by seed; None: every configuration against clip (or --baseline).
+    pairs: Optional[list[tuple[str, str]]] = None
+
+    @model_validator(mode="after")
+    def _pairs_name_variants(self):
+        if self.pairs:
+            names = list(self.variants or {})
+            for a, b in self.pairs:
+                bad = next((x for x in (a, b) if x not in names), None)
+                if bad is not None:
+                    raise ValueError(f"sweep.pairs: {bad!r} is not a variant (variants: {', '.join(names) or 'none'}); "
+                                     "pair names from sweep.variants")
+                if a == b:
+                    raise ValueError(f"sweep.pairs: [{a}, {b}] pairs a variant with itself")
+        return self
 
 
 class SharedDataSection(_Strict):
@@ -355,6 +389,10 @@ class ExperimentConfig(_Strict):
         if not self.loss.type.startswith("llip") and m.pooling == "llip":
             raise ValueError(f"model.pooling llip needs loss.type llip or llip_infonce (got {self.loss.type!r}); "
                              "leave model.pooling unset to follow the loss type")
+        try:
+            self.loss_init()
+        except ValueError as e:
+            raise ValueError(f"loss.init_bias: {e}") from None
         if self.data.batch_size % self.scaling.num_workers:
             raise ValueError(
                 f"data.batch_size {self.data.batch_size} is not divisible by scaling.num_workers {self.scaling.num_workers}"
@@ -375,10 +413,21 @@ class ExperimentConfig(_Strict):
     def resolved_model(self):
         return self.model.resolve(self.loss.type)
 
+    def loss_init(self) -> tuple[float, Optional[float]]:
+        """(initial log logit scale, initial logit bias or None) as training starts them: loss.init_bias
+        resolved (auto: -ln of the global batch, data.batch_size)."""
+        from llip_core.losses import initial_logits
+
+        return initial_logits(self.loss.type, self.loss.siglip_init, self.loss.init_bias, self.data.batch_size)
+
     def flat(self) -> dict[str, Any]:
-        """Every resolved value as dotted keys (model values resolved through the named size)."""
+        """Every resolved value as dotted keys (model values resolved through the named size; the
+        loss's initial scale and bias as loss.init_logit_scale / loss.init_logit_bias)."""
         d = self.model_dump(mode="json", exclude={"sweep"})
         d["model"] = {"size": self.model.size, **dataclasses.asdict(self.resolved_model())}
+        log_scale, bias = self.loss_init()
+        d["loss"]["init_logit_scale"] = round(math.exp(log_scale), 6)
+        d["loss"]["init_logit_bias"] = None if bias is None else round(bias, 6)
         out: dict[str, Any] = {}
         _flatten(d, "", out)
         return out

@@ -124,8 +124,9 @@ def resolve_shards(location: str, s3cfg, what: str) -> tuple[list[str], Any]:
         return paths, s3.arrow_filesystem(s3cfg, region=region)
     p = Path(location)
     if not p.exists():
+        source = "emoji-scenes --out data/scenes" if "scenes" in location else "emoji --out data/emoji"
         raise UserError(f"{what}: {location} does not exist; create demo shards with "
-                        f"`llip shards emoji --out data/emoji` or point {what} at a shard directory")
+                        f"`llip shards {source}` or point {what} at a shard directory")
     if p.is_file():
         if p.suffix != ".tar":
             raise UserError(f"{what}: {location} is not a .tar shard or a directory of them; fix {what}")

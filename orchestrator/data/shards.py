@@ -117,6 +117,28 @@ def write_emoji_shards(out: str, samples_per_shard: int = DEFAULT_SAMPLES_PER_SH
                         meta=meta, s3cfg=s3cfg, log=log)
 
 
+def write_emoji_scenes(out: str, opts, samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, s3cfg=None,
+                       log: Callable[[str], None] = lambda s: None) -> dict:
+    """Scenes of several Twemoji (orchestrator/data/scenes.py): training shards under out/train, the
+    eval sets (out/eval: new combinations of the training concepts; out/eval_heldout: scenes with
+    held-out concepts) in clip_benchmark's retrieval layout, every object's caption on its own line.
+    The manifest (written last) names the options, the concepts and each eval set's fingerprint."""
+    from orchestrator.data import evalsets
+    from orchestrator.data.scenes import scene_splits
+
+    splits, meta = scene_splits(opts)
+    root = out.rstrip("/")
+    evals = {}
+    for name in (n for n in splits if n != "train"):
+        gen = ((*smp.load(), smp.captions) for smp in splits[name])
+        m = evalsets.write_eval_set(f"{root}/{name}", gen, evalsets.RETRIEVAL, s3cfg=s3cfg, log=log,
+                                    source=f"emoji-scenes:{name},seed={opts.seed}")
+        evals[name] = {"samples": m["samples"], "fingerprint": m["fingerprint"]}
+    meta["scenes"]["eval_sets"] = evals
+    return write_splits(out, {"train": splits["train"]}, samples_per_shard=samples_per_shard, seed=opts.seed,
+                        source="emoji-scenes", meta=meta, s3cfg=s3cfg, log=log)
+
+
 def read_manifest(out: str, s3cfg=None) -> Optional[dict]:
     """The manifest under a shard root (local or s3), or None."""
     return read_json_at(out, MANIFEST, s3cfg)
@@ -131,7 +153,8 @@ def add_args(p) -> None:
                         "or a .csv/.parquet of image paths and captions; eval sets in clip_benchmark's "
                         "WebDataset layout: 'fashion-mnist' (zero-shot classification, Debian's "
                         "dataset-fashion-mnist test split) or 'emoji-heldout' (the held-out emoji concepts "
-                        "for retrieval, every caption of an image)")
+                        "for retrieval, every caption of an image); 'emoji-scenes': grids of several Twemoji, "
+                        "one caption per object, training shards plus eval sets of new combinations")
     p.add_argument("--out", required=True, metavar="DEST", help="local directory or s3://bucket/prefix")
     p.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD, metavar="N")
     p.add_argument("--holdout", type=float, default=None, metavar="FRACTION",
@@ -147,6 +170,25 @@ def add_args(p) -> None:
     p.add_argument("--region", default=None)
     p.add_argument("--profile", default=None, help="AWS profile (else AWS_PROFILE / default chain)")
     p.add_argument("--quiet", "-q", action="store_true")
+    from orchestrator.data.scenes import DEFAULTS
+
+    g = p.add_argument_group("emoji-scenes", "scenes of several Twemoji, one caption (the name) per object")
+    g.add_argument("--grid", type=int, default=DEFAULTS["grid"], metavar="G",
+                   help=f"G x G cells per scene (default {DEFAULTS['grid']})")
+    g.add_argument("--cell", type=int, default=DEFAULTS["cell"], metavar="PX",
+                   help=f"cell size in px; the image is G x PX (default {DEFAULTS['cell']})")
+    g.add_argument("--min-objects", type=int, default=DEFAULTS["min_objects"], metavar="N")
+    g.add_argument("--max-objects", type=int, default=DEFAULTS["max_objects"], metavar="N",
+                   help=f"objects per scene, at most one per cell (default {DEFAULTS['min_objects']}.."
+                        f"{DEFAULTS['max_objects']})")
+    g.add_argument("--concepts", type=int, default=DEFAULTS["concepts"], metavar="N",
+                   help=f"emoji concepts the scenes are composed from (default {DEFAULTS['concepts']})")
+    g.add_argument("--heldout-concepts", type=int, default=DEFAULTS["heldout_concepts"], metavar="N",
+                   help="further concepts no training scene shows, evaluated in DEST/eval_heldout (default 0)")
+    g.add_argument("--train-scenes", type=int, default=DEFAULTS["train_scenes"], metavar="N",
+                   help=f"default {DEFAULTS['train_scenes']}")
+    g.add_argument("--eval-scenes", type=int, default=DEFAULTS["eval_scenes"], metavar="N",
+                   help=f"per eval set, balanced over the number of objects (default {DEFAULTS['eval_scenes']})")
 
 
 def cli(args) -> int:
@@ -159,6 +201,8 @@ def cli(args) -> int:
         raise UserError(f"--holdout {holdout}: must be in [0, 1)")
     if args.source in EVAL_SET_SOURCES:
         return _eval_set_cli(args, s3cfg, log, holdout)
+    if args.source == "emoji-scenes":
+        return _scenes_cli(args, s3cfg, log)
     if args.source == "emoji":
         m = write_emoji_shards(args.out, args.samples_per_shard, args.seed,
                                DEFAULT_EMOJI_HOLDOUT if holdout is None else holdout,
@@ -209,4 +253,25 @@ def _eval_set_cli(args, s3cfg, log, holdout) -> int:
                                          samples_per_shard=per_shard, s3cfg=s3cfg, log=log)
     print(f"wrote {m['samples']} {m['kind']} samples in {m['num_shards']} shards to {args.out.rstrip('/')} "
           f"(clip_benchmark layout: test/{{0..{m['num_shards'] - 1}}}.tar, fingerprint {m['fingerprint']})")
+    return 0
+
+
+def _scenes_cli(args, s3cfg, log) -> int:
+    from orchestrator.data.scenes import SceneOptions
+
+    for flag, given in (("--holdout", args.holdout), ("--limit", args.limit)):
+        if given is not None:
+            raise UserError(f"{flag}: not an emoji-scenes option; scenes hold out whole concepts with "
+                            "--heldout-concepts N and are counted with --train-scenes / --eval-scenes")
+    opts = SceneOptions(grid=args.grid, cell=args.cell, min_objects=args.min_objects, max_objects=args.max_objects,
+                        concepts=args.concepts, heldout_concepts=args.heldout_concepts,
+                        train_scenes=args.train_scenes, eval_scenes=args.eval_scenes, seed=args.seed)
+    opts.check()
+    m = write_emoji_scenes(args.out, opts, args.samples_per_shard, s3cfg=s3cfg, log=log)
+    sc = m["scenes"]
+    evals = ", ".join(f"{e['samples']} in {args.out.rstrip('/')}/{name}" for name, e in sc["eval_sets"].items())
+    print(f"wrote {m['splits']['train']['samples']} training scenes ({sc['image_size']} px, {sc['grid']}x{sc['grid']} "
+          f"cells of {sc['cell']} px, {sc['min_objects']}-{sc['max_objects']} objects, {len(sc['concepts'])} concepts) "
+          f"in {m['splits']['train']['num_shards']} shards to {args.out.rstrip('/')}/train, eval scenes {evals} "
+          f"(clip_benchmark layout; manifest fingerprint {m['fingerprint']})")
     return 0

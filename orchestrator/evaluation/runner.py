@@ -3,7 +3,10 @@
 reads the sets (orchestrator/data/evalsets.py), names the metrics and logs them.
 
 Metric names: `eval/<set>/<metric>`, where <metric> is `recall1`, `i2t_recall5`, `t2i_recall10`, ...
-for retrieval (recallK is the mean of the two directions) and `top1`, `top5` for zero-shot
+for retrieval (recallK is the mean of the two directions), with `rprec` (per image, the fraction of
+its m distinct true captions among its top m), `rprec_m1`, `rprec_m2`, ... (the same over the images
+with m true captions; only on sets where some image has several) and `map` (per caption, the average
+precision of its images over the gallery), and `top1`, `top5` for zero-shot
 classification; with `eval.tau` listed (Llip), `top1_tau5` is top-1 at tau = 5 (MLflow names may not
 hold "@" or "="). `eval/<set>/num_samples` and `eval/<set>/seconds` come with them. The held-out
 split in `data.eval` keeps its historic top-level names (`eval/recall1`, `eval/i2t_recall1`, ...),
@@ -106,13 +109,14 @@ class EvalRunner:
                 # chance depends on the set only (repeated captions raise it above k / N): once
                 ks = tuple(k for k in self.recall_k if k <= len(loaded.images)) or (1,)
                 entry["chance"] = {"chance_" + k: v for k, v in
-                                   retrieval_chance(entry["tokens"], entry["owner"], len(loaded.images), ks).items()}
+                                   retrieval_chance(entry["tokens"], entry["owner"], len(loaded.images), ks,
+                                                    multi=True).items()}
             self.sets.append(entry)
 
     def run(self, model) -> dict[str, float]:
         import torch
 
-        from llip_core.evaluate import retrieval_recall, zero_shot_classify
+        from llip_core.evaluate import retrieval_metrics, zero_shot_classify
         from orchestrator.data.evalsets import CLASSIFICATION
 
         out: dict[str, float] = {}
@@ -129,7 +133,7 @@ class EvalRunner:
                                                self.tokenizer, self.batch_size, taus=self.taus)
                     else:
                         ks = tuple(k for k in self.recall_k if k <= len(s.images)) or (1,)
-                        r = retrieval_recall(model, images, e["tokens"], ks, self.batch_size, caption_image=e["owner"])
+                        r = retrieval_metrics(model, images, e["tokens"], ks, self.batch_size, caption_image=e["owner"])
                     name = s.info.name
                     out.update({metric_key(name, k): float(v) for k, v in {**r, **e.get("chance", {})}.items()})
                     out[metric_key(name, "num_samples")] = float(len(s.images))
@@ -154,7 +158,8 @@ def runner_for(cfg, infos: Sequence[dict], tokenizer_spec: Optional[dict] = None
 
 def curve_keys(metrics: dict, tau: Optional[float] = None) -> list[str]:
     """The metrics plotted over steps: training loss, then each set's headline: recall1, top1, or with
-    several taus the top-1 at the model's own tau (else the first listed)."""
+    several taus the top-1 at the model's own tau (else the first listed), and R-precision on sets
+    whose images have several captions."""
     keys = ["train/loss"]
     sets = sorted({k.split("/")[1] for k in metrics if k.count("/") == 2 and k.startswith("eval/")})
     if "eval/recall1" in metrics:
@@ -165,6 +170,8 @@ def curve_keys(metrics: dict, tau: Optional[float] = None) -> list[str]:
         hit = next((k for k in cands if k in metrics), None)
         if hit:
             keys.append(hit)
+        if any(k.startswith(f"eval/{s}/rprec_m") for k in metrics):  # several captions per image: R-precision too
+            keys.append(f"eval/{s}/rprec")
     keys.append("train/logit_scale")
     return keys
 
@@ -185,7 +192,7 @@ def format_eval_table(metrics: dict, infos: Sequence[dict] = ()) -> str:
         mm = re.match(r"top(\d+)", metric)
         if mm and classes.get(parts[1] if len(parts) == 3 else ""):
             chance = min(1.0, int(mm.group(1)) / classes[parts[1]])
-        elif metric.startswith(("i2t_", "t2i_")):
+        elif metric.startswith(("i2t_", "t2i_", "rprec")) or metric == "map":
             chance = metrics.get(f"{prefix}/chance_{metric}")
         elif re.fullmatch(r"recall\d+", metric):
             pair = [metrics.get(f"{prefix}/chance_{d}_{metric}") for d in ("i2t", "t2i")]

@@ -492,7 +492,9 @@ def _run_sweep(cfg: ExperimentConfig, max_concurrent_trials: Optional[int], run_
             _take_lease(cfg, run_name, leases)
         c, uri, parent_id, run_name, _ = start_mlflow_run(
             cfg, run_name, tags={"llip.sweep": "true", "llip.sweep.params": json.dumps(swept),
-                                 "llip.sweep.metric": sw.metric, "llip.sweep.mode": sw.mode, **manifest_tags(cfg)})
+                                 "llip.sweep.metric": sw.metric, "llip.sweep.mode": sw.mode, **manifest_tags(cfg),
+                                 # llip report's paired comparisons (sweep.pairs)
+                                 **({"llip.sweep.pairs": json.dumps(sw.pairs)} if sw.pairs else {})})
         if not leases:  # named from the new MLflow run's id: nobody else can know the name yet
             _take_lease(cfg, run_name, leases)
     else:

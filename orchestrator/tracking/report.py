@@ -2,14 +2,21 @@
 honest statistics, written as report/ artifacts on the sweep's parent run.
 
 A configuration is the trial's `llip.variant` tag (sweep.variants), else its swept values other than
-`seed`. Over the seeds of a configuration: mean, sample standard deviation (ddof=1) and n. Against a
-baseline configuration (default `clip`): a paired comparison over the seeds both have, because with
-the same seed two trials share the initialisation RNG and the data order, so the per-seed difference
-removes that part of the noise. Only FINISHED trials count.
+`seed`. Over the seeds of a configuration: mean, sample standard deviation (ddof=1) and n. Paired
+comparisons over the seeds both configurations have, because with the same seed two trials share the
+initialisation RNG and the data order, so the per-seed difference removes that part of the noise:
+each [configuration, baseline] of the sweep's `sweep.pairs` (tag llip.sweep.pairs) or of `--pair`,
+else every configuration against one baseline (default `clip`). Only FINISHED trials count.
+
+What ran: per configuration, the keys that tell the models apart (loss, pooling, K, heads, the
+initial logit scale and bias as training resolved them, steps, batch) and any other parameter that
+differs between configurations. On sets whose images have several true captions (scenes of m
+objects), R-precision by m (`rprec_m1`, ...) gets a table of its own, configurations by m, and one of
+the paired differences by m: where a gap opens or closes as images get more true captions.
 
 Artifacts: report/report.md, report/report.html, report/summary.csv, report/paired.csv,
 report/summary.png (mean, std and each seed per metric), report/curves.png (per-step mean with a
-min-max band over seeds).
+min-max band over seeds), report/rprec_by_m.png (when a set has R-precision by m).
 """
 from __future__ import annotations
 
@@ -34,7 +41,10 @@ def add_args(p) -> None:
     p.add_argument("target", metavar="PARENT_RUN_OR_EXPERIMENT",
                    help="a sweep's parent run id or run name, or an experiment name (its latest sweep)")
     p.add_argument("--baseline", default=None,
-                   help="configuration the others are compared with, paired by seed (default: clip, when present)")
+                   help="configuration the others are compared with, paired by seed (default: the sweep's "
+                        "sweep.pairs, else clip, when present)")
+    p.add_argument("--pair", action="append", default=None, metavar="CONFIG:BASELINE",
+                   help="compare CONFIG with BASELINE seed by seed (repeatable; replaces sweep.pairs and --baseline)")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     p.add_argument("--no-log", action="store_true", help="print only; do not log report/ to the parent run")
 
@@ -51,6 +61,7 @@ class Trial:
     status: str
     final: dict[str, float]  # headline keys resolved, plus every final eval/* and train/* value
     source: dict[str, str] = field(default_factory=dict)  # resolved headline -> the run's own key
+    params: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +88,7 @@ class Paired:
     seeds: list[int]
     diffs: list[float]  # config - baseline, per shared seed
     spread: Optional[float]  # the larger of the two configurations' seed-to-seed std
+    baseline: str = ""
 
     @property
     def n(self) -> int:
@@ -108,6 +120,7 @@ class Report:
     metrics: list[str]  # every final metric, headline first
     baseline: Optional[str]
     notes: list[str] = field(default_factory=list)
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # [configuration, baseline]; empty: all vs baseline
 
     def stat(self, config: str, metric: str) -> Optional[Stat]:
         by_seed = self.values(config, metric)
@@ -121,21 +134,37 @@ class Report:
                 out[t.seed] = t.final[metric]
         return out
 
-    def paired(self) -> list[Paired]:
+    def comparisons(self) -> list[tuple[str, str]]:
+        """(configuration, baseline) pairs: the declared ones, else every configuration vs the baseline."""
+        if self.pairs:
+            return list(self.pairs)
         if self.baseline is None:
             return []
-        out = []
-        for cfg in self.configs:
-            if cfg == self.baseline:
-                continue
-            # training losses are not compared: their scales differ between loss types
-            for m in (m for m in self.headline if not m.startswith("train/")):
-                a, b = self.values(cfg, m), self.values(self.baseline, m)
-                seeds = sorted(set(a) & set(b))
-                sa, sb = self.stat(cfg, m), self.stat(self.baseline, m)
-                spread = max(sa.std, sb.std) if sa and sb and sa.std is not None and sb.std is not None else None
-                out.append(Paired(cfg, m, seeds, [a[s] - b[s] for s in seeds], spread))
-        return out
+        return [(cfg, self.baseline) for cfg in self.configs if cfg != self.baseline]
+
+    def pair(self, cfg: str, base: str, m: str) -> Paired:
+        a, b = self.values(cfg, m), self.values(base, m)
+        seeds = sorted(set(a) & set(b))
+        sa, sb = self.stat(cfg, m), self.stat(base, m)
+        spread = max(sa.std, sb.std) if sa and sb and sa.std is not None and sb.std is not None else None
+        return Paired(cfg, m, seeds, [a[s] - b[s] for s in seeds], spread, base)
+
+    def paired(self) -> list[Paired]:
+        # training losses are not compared: their scales differ between loss types
+        return [self.pair(cfg, base, m) for cfg, base in self.comparisons()
+                for m in self.headline if not m.startswith("train/")]
+
+    def by_m_sets(self) -> dict[str, list[str]]:
+        """Set prefix ("eval/scenes" or "eval") -> its rprec_m metrics, in order of m."""
+        out: dict[str, list[str]] = {}
+        for k in self.metrics:
+            mm = _BY_M.fullmatch(k)
+            if mm:
+                out.setdefault(mm.group(1), []).append(k)
+        return {p: sorted(ks, key=lambda k: int(k.rsplit("_m", 1)[1])) for p, ks in sorted(out.items())}
+
+
+_BY_M = re.compile(r"(eval(?:/[^/]+)?)/rprec_m(\d+)")
 
 
 def _config_label(run, swept: list[str]) -> str:
@@ -153,7 +182,8 @@ def _seed(run) -> Optional[int]:
         return None
 
 
-def collect(c, target: str, baseline: Optional[str] = None) -> Report:
+def collect(c, target: str, baseline: Optional[str] = None, pairs: Optional[list[str]] = None) -> Report:
+    """pairs: "CONFIG:BASELINE" items (--pair); None: the sweep's sweep.pairs when no baseline is named."""
     from orchestrator.tracking.lookup import resolve_target
 
     parent, exp_name, runs = resolve_target(c, target)
@@ -175,7 +205,7 @@ def collect(c, target: str, baseline: Optional[str] = None) -> Report:
                 final[f"eval/{s}/top1"] = final[f"eval/{s}/top1_tau{tau:g}"]
                 source[f"eval/{s}/top1"] = f"eval/{s}/top1_tau{tau:g}"
         t = Trial(r.info.run_id, r.data.tags.get("mlflow.runName", r.info.run_id[:8]), _config_label(r, swept),
-                  _seed(r), r.info.status, final, source)
+                  _seed(r), r.info.status, final, source, dict(r.data.params))
         if t.status != "FINISHED":
             notes.append(f"left out {t.name} ({t.config}, seed {t.seed}): status {t.status}"
                          + (f", {r.data.tags['llip.error'][:200]}" if r.data.tags.get("llip.error") else ""))
@@ -192,7 +222,26 @@ def collect(c, target: str, baseline: Optional[str] = None) -> Report:
     for t in trials:
         if t.config not in configs:
             configs.append(t.config)
-    if baseline is None:
+    declared: list[tuple[str, str]] = []
+    if pairs:
+        for item in pairs:
+            a, sep, b = item.partition(":")
+            if not sep or not a or not b:
+                raise UserError(f"--pair {item}: give CONFIG:BASELINE, e.g. --pair llip_k8:avg_k8")
+            bad = next((x for x in (a, b) if x not in configs), None)
+            if bad is not None:
+                raise UserError(f"--pair {item}: no configuration {bad!r} among the finished trials ({', '.join(configs)})")
+            declared.append((a, b))
+    elif baseline is None and parent.data.tags.get("llip.sweep.pairs"):
+        for a, b in json.loads(parent.data.tags["llip.sweep.pairs"]):
+            missing = [x for x in (a, b) if x not in configs]
+            if missing:
+                notes.append(f"sweep.pairs [{a}, {b}]: no finished trial of {', '.join(missing)}; not compared")
+            else:
+                declared.append((a, b))
+    if declared:
+        baseline = None
+    elif baseline is None:
         baseline = "clip" if "clip" in configs else None
         if baseline is None:
             notes.append("no configuration named clip; pass --baseline NAME for the paired comparison "
@@ -219,13 +268,21 @@ def collect(c, target: str, baseline: Optional[str] = None) -> Report:
         if len(set(seeds[cfg])) < 2:
             notes.append(f"{cfg} has {len(set(seeds[cfg]))} seed: no standard deviation (needs at least two seeds)")
 
-    present = sorted({k for t in trials for k in t.final})
+    present = sorted({k for t in trials for k in t.final}, key=_natural)
     headline = [sweep_metric] if sweep_metric in present else []
+    # several true captions per image: R-precision overall and by m, and mAP, per set
+    for k in present:
+        if re.fullmatch(r"eval(/[^/]+)?/(rprec|rprec_m\d+|map)", k) and k not in headline:
+            headline.append(k)
     headline += [k for k in present if re.fullmatch(r"eval/[^/]+/top1", k) and k not in headline]
-    if "train/loss" in present:
+    if "train/loss" in present and "train/loss" not in headline:
         headline.append("train/loss")
     metrics = headline + [k for k in present if k not in headline]
-    return Report(parent, exp_name, trials, configs, headline, metrics, baseline, notes)
+    return Report(parent, exp_name, trials, configs, headline, metrics, baseline, notes, declared)
+
+
+def _natural(k: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,7 +308,10 @@ def summary_rows(rep: Report, metrics: Optional[list[str]] = None) -> list[list[
 def paired_rows(rep: Report) -> list[list[str]]:
     rows = []
     for p in rep.paired():
-        if p.n == 0:
+        missing = [c for c in (p.config, p.baseline) if not rep.values(c, p.metric)]
+        if missing:
+            verdict = f"not logged by {' and '.join(missing)}"
+        elif p.n == 0:
             verdict = "no shared seeds"
         elif p.exceeds is None:
             verdict = "cannot tell (fewer than 2 seeds)"
@@ -259,7 +319,7 @@ def paired_rows(rep: Report) -> list[list[str]]:
             verdict = f"yes: |diff| > spread {p.spread:.4f}"
         else:
             verdict = f"no: |diff| <= spread {p.spread:.4f}"
-        rows.append([p.config, p.metric, _num(p.mean, signed=True), _num(p.std), str(p.n), verdict])
+        rows.append([p.config, p.baseline, p.metric, _num(p.mean, signed=True), _num(p.std), str(p.n), verdict])
     return rows
 
 
@@ -267,8 +327,72 @@ SUMMARY_HEAD = ["configuration", "metric", "mean", "std", "n seeds"]
 
 
 def paired_head(rep: Report) -> list[str]:
-    return ["configuration", "metric", f"mean diff vs {rep.baseline}", "std of diffs", "n pairs",
+    return ["configuration", "baseline", "metric", "mean diff (config - baseline)", "std of diffs", "n pairs",
             "|mean diff| > seed-to-seed spread?"]
+
+
+# What ran: the keys that tell this project's models apart, as the runs logged them
+WHAT_RAN = [("loss.type", "loss"), ("model.pooling", "pooling"), ("model.mixture_tokens", "K"),
+            ("model.cross_heads", "heads"), ("model.tau", "tau"), ("loss.init_logit_scale", "init scale"),
+            ("loss.init_logit_bias", "init bias"), ("train.steps", "steps"), ("data.batch_size", "batch")]
+_NOT_A_SETTING = re.compile(r"^(seed|name|description|mlflow\.|storage_path|sweep)")
+
+
+def what_ran(rep: Report) -> tuple[list[str], list[list[str]]]:
+    """Per configuration (its first finished trial's params): WHAT_RAN's keys, then any other param
+    that differs between configurations. K and heads read '-' where the pooling has none."""
+    first = {cfg: next(t for t in rep.trials if t.config == cfg).params for cfg in rep.configs}
+    keys = [k for k, _ in WHAT_RAN]
+    other = sorted({k for p in first.values() for k in p if k not in keys and not _NOT_A_SETTING.match(k)
+                    and len({q.get(k) for q in first.values()}) > 1})
+    head = ["configuration"] + [label for _, label in WHAT_RAN] + other
+    rows = []
+    for cfg, p in first.items():
+        pooling = p.get("model.pooling")
+        row = [cfg]
+        for k in keys + other:
+            v = p.get(k)
+            if (k == "model.mixture_tokens" and pooling == "cls") or \
+                    (k in ("model.cross_heads", "model.tau") and pooling not in (None, "llip")):
+                v = "-"
+            elif k == "loss.init_logit_bias" and v in ("None", None) and "loss.init_logit_scale" in p:
+                v = "none (InfoNCE)"
+            row.append("not logged" if v is None else str(v))
+        rows.append(row)
+    return head, rows
+
+
+def _pm(s: Optional[Stat]) -> str:
+    if s is None:
+        return "-"
+    return f"{s.mean:.4f} +- {s.std:.4f}" if s.std is not None else f"{s.mean:.4f} (n=1)"
+
+
+def by_m_tables(rep: Report) -> list[tuple[str, list[str], list[list[str]], list[str], list[list[str]]]]:
+    """Per set with R-precision by m: (set, head, per-configuration rows, paired head, paired rows).
+    Cells: mean +- std over seeds; paired: mean diff +- std of diffs, '*' where |mean| > spread."""
+    out = []
+    for prefix, ms in rep.by_m_sets().items():
+        cols = [f"{prefix}/rprec"] + ms + [f"{prefix}/map"]
+        cols = [c for c in cols if c in rep.metrics]
+        labels = ["rprec (all)" if c.endswith("/rprec") else "mAP" if c.endswith("/map")
+                  else "m=" + c.rsplit("_m", 1)[1] for c in cols]
+        rows = [[cfg] + [_pm(rep.stat(cfg, c)) for c in cols] for cfg in rep.configs]
+        rows = [r for r in rows if any(x != "-" for x in r[1:])]  # configurations that evaluated this set
+        prow = []
+        for cfg, base in rep.comparisons():
+            cells = []
+            for c in cols:
+                p = rep.pair(cfg, base, c)
+                if p.mean is None:
+                    cells.append("-")
+                    continue
+                cell = _num(p.mean, signed=True) + (f" +- {p.std:.4f}" if p.std is not None else "")
+                cells.append(cell + (" *" if p.exceeds else ""))
+            if any(x != "-" for x in cells):
+                prow.append([cfg, base] + cells)
+        out.append((prefix, ["configuration"] + labels, rows, ["configuration", "baseline"] + labels, prow))
+    return out
 
 
 def format_text(head: list[str], rows: list[list[str]]) -> str:
@@ -304,9 +428,23 @@ def _sections(rep: Report) -> list[tuple[str, Any]]:
     if rep.notes:
         blocks.append(("h2", "Notes"))
         blocks.append(("ul", rep.notes))
+    blocks += [("h2", "What ran"),
+               ("p", "As each configuration's runs logged them; init scale and bias are the loss's initial "
+                     "logit scale and bias as training resolved them (loss.init_bias auto: -ln of the global batch)."),
+               ("table", what_ran(rep))]
     blocks += [("h2", "Per configuration (headline metrics)"), ("table", (SUMMARY_HEAD, summary_rows(rep)))]
-    if rep.baseline is not None:
-        blocks += [("h2", f"Paired by seed against {rep.baseline}"),
+    for prefix, head, rows, phead, prows in by_m_tables(rep):
+        blocks += [("h2", f"{prefix}: R-precision by number of true captions m"),
+                   ("p", "Per image, the fraction of its m true captions among its top m; images grouped by m. "
+                         "mean +- sample std over seeds."),
+                   ("table", (head, rows)), ("img", "rprec_by_m.png")]
+        if prows:
+            blocks += [("p", "Paired by seed: mean difference (configuration - baseline) +- std of the differences; "
+                             "* where |mean difference| exceeds the seed-to-seed spread."),
+                       ("table", (phead, prows))]
+    if rep.comparisons():
+        title = "Paired by seed (declared pairs)" if rep.pairs else f"Paired by seed against {rep.baseline}"
+        blocks += [("h2", title),
                    ("p", "diff = configuration - baseline at the same seed (same data order). The seed-to-seed "
                          "spread is the larger of the two configurations' standard deviations; a mean difference "
                          "inside it is not distinguishable from reseeding at this number of seeds. train/loss is "
@@ -363,9 +501,10 @@ def plot_curves(c, rep: Report, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(rep.headline)
+    shown = _plotted(rep)
+    n = len(shown)
     fig, axes = plt.subplots(1, max(1, n), figsize=(5 * max(1, n), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], rep.headline):
+    for ax, metric in zip(axes[0], shown):
         for i, (cfg, per_seed) in enumerate(sorted(_histories(c, rep, metric).items(),
                                                    key=lambda kv: rep.configs.index(kv[0]))):
             # steps every seed logged, so the band is over the same number of seeds at each point
@@ -394,9 +533,10 @@ def plot_summary(rep: Report, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(rep.headline)
+    shown = _plotted(rep)
+    n = len(shown)
     fig, axes = plt.subplots(1, max(1, n), figsize=(4.5 * max(1, n), 0.6 + 0.5 * len(rep.configs) + 1.5), squeeze=False)
-    for ax, metric in zip(axes[0], rep.headline):
+    for ax, metric in zip(axes[0], shown):
         y = list(range(len(rep.configs)))[::-1]
         for yi, cfg in zip(y, rep.configs):
             s = rep.stat(cfg, metric)
@@ -413,6 +553,43 @@ def plot_summary(rep: Report, path: Path) -> None:
     plt.close(fig)
 
 
+def _plotted(rep: Report) -> list[str]:
+    """Headline metrics with a panel each; R-precision by m has its own figure."""
+    return [m for m in rep.headline if not _BY_M.fullmatch(m)]
+
+
+def plot_rprec_by_m(rep: Report, path: Path) -> None:
+    """Per set, R-precision against m (mean over seeds, error bar: std; dots: each seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = rep.by_m_sets()
+    fig, axes = plt.subplots(1, max(1, len(sets)), figsize=(6 * max(1, len(sets)), 4), squeeze=False)
+    for ax, (prefix, ms) in zip(axes[0], sets.items()):
+        xs = [int(k.rsplit("_m", 1)[1]) for k in ms]
+        for i, cfg in enumerate(rep.configs):
+            stats = [rep.stat(cfg, k) for k in ms]
+            pts = [(x + 0.04 * (i - len(rep.configs) / 2), s) for x, s in zip(xs, stats) if s is not None]
+            if not pts:
+                continue
+            ax.errorbar([x for x, _ in pts], [s.mean for _, s in pts], yerr=[s.std or 0.0 for _, s in pts],
+                        marker="o", capsize=3, color=f"C{i % 10}", label=f"{cfg} (n={max(s.n for _, s in pts)})")
+            for x, s in pts:
+                ax.scatter([x] * s.n, s.values, s=8, color=f"C{i % 10}", alpha=0.5)
+        ax.set_xticks(xs)
+        ax.set_xlabel("m: true captions (objects) per image")
+        ax.set_ylabel("R-precision")
+        ax.set_title(prefix, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("R-precision by m: mean +- std over seeds, dots: each seed", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------------------------
 # logging and CLI
 # --------------------------------------------------------------------------------------------
@@ -421,7 +598,7 @@ def write(c, rep: Report, folder: Path) -> list[Path]:
     (folder / "report.md").write_text(render_markdown(rep))
     (folder / "report.html").write_text(render_html(rep))
     for name, head, rows in (("summary.csv", SUMMARY_HEAD, summary_rows(rep, rep.metrics)),
-                             ("paired.csv", paired_head(rep) if rep.baseline else [], paired_rows(rep))):
+                             ("paired.csv", paired_head(rep) if rep.comparisons() else [], paired_rows(rep))):
         with open(folder / name, "w", newline="") as f:
             w = csv.writer(f)
             if head:
@@ -429,6 +606,8 @@ def write(c, rep: Report, folder: Path) -> list[Path]:
             w.writerows(rows)
     plot_curves(c, rep, folder / "curves.png")
     plot_summary(rep, folder / "summary.png")
+    if rep.by_m_sets():
+        plot_rprec_by_m(rep, folder / "rprec_by_m.png")
     return sorted(folder.iterdir())
 
 
@@ -439,9 +618,14 @@ def log_to_parent(c, rep: Report) -> None:
 
 
 def console_text(rep: Report) -> str:
-    out = [format_text(SUMMARY_HEAD, summary_rows(rep))]
-    if rep.baseline is not None:
-        out += ["", f"paired by seed against {rep.baseline}:", format_text(paired_head(rep), paired_rows(rep))]
+    out = ["what ran:", format_text(*what_ran(rep)), "", format_text(SUMMARY_HEAD, summary_rows(rep))]
+    for prefix, head, rows, phead, prows in by_m_tables(rep):
+        out += ["", f"{prefix}: R-precision by m (mean +- std over seeds):", format_text(head, rows)]
+        if prows:
+            out += ["", f"{prefix}: paired by seed, by m (* |mean diff| > seed-to-seed spread):", format_text(phead, prows)]
+    if rep.comparisons():
+        title = "paired by seed (declared pairs):" if rep.pairs else f"paired by seed against {rep.baseline}:"
+        out += ["", title, format_text(paired_head(rep), paired_rows(rep))]
     out += ([""] if rep.notes else []) + [f"note: {n}" for n in rep.notes]
     return "\n".join(out)
 
@@ -450,13 +634,13 @@ def cli(args) -> int:
     from orchestrator.tracking import store as tracking
 
     c, uri = tracking.existing_store_client(args.tracking_uri)
-    rep = collect(c, args.target, args.baseline)
+    rep = collect(c, args.target, args.baseline, args.pair)
     name = rep.parent.data.tags.get("llip.run_name", rep.parent.info.run_id)
     print(f"sweep {name} in experiment {rep.experiment}: {len(rep.trials)} finished trials, "
           f"{len(rep.configs)} configurations\n")
     print(console_text(rep))
     if not args.no_log:
         log_to_parent(c, rep)
-        print(f"\nlogged report/report.md, report.html, summary.csv, paired.csv, curves.png, summary.png "
-              f"to parent run {rep.parent.info.run_id}")
+        print("\nlogged report/report.md, report.html, summary.csv, paired.csv, curves.png, summary.png"
+              + (", rprec_by_m.png" if rep.by_m_sets() else "") + f" to parent run {rep.parent.info.run_id}")
     return 0

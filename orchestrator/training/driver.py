@@ -319,7 +319,7 @@ def print_summary(cfg: ExperimentConfig, r: RunResult) -> None:
 
     for k in sorted(m, key=natural_key):  # eval.sets: each set's headline figures (all of them: eval/final.md)
         parts = k.split("/")
-        if len(parts) == 3 and parts[0] == "eval" and (parts[2] in ("recall1", "recall5", "top1", "top5")
+        if len(parts) == 3 and parts[0] == "eval" and (parts[2] in ("recall1", "recall5", "rprec", "map", "top1", "top5")
                                                        or parts[2].startswith("top1_tau")):
             rows.append((f"{parts[1]} {parts[2]}", f"{100 * m[k]:.2f}%"))
     rows += [("checkpoint", r.checkpoint or "-"), ("MLflow store", r.tracking_uri), ("MLflow run id", r.run_id)]

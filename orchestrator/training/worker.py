@@ -19,7 +19,7 @@ from orchestrator.storage.checkpoints import load_latest_state, save_checkpoint
 
 
 def eval_line(step: int, metrics: dict) -> str:
-    """The headline eval figures of this step: R@1 per retrieval set, top-1 per classification set
+    """The headline eval figures of this step: R@1 (and R-precision) per retrieval set, top-1 per classification set
     (for Llip, at every tau evaluated), and the seconds evaluation took."""
     from orchestrator.console import natural_key
 
@@ -29,7 +29,7 @@ def eval_line(step: int, metrics: dict) -> str:
         if name[0] != "eval":
             continue
         last = name[-1]
-        if last == "recall1" or last == "top1" or last.startswith("top1_tau"):
+        if last in ("recall1", "rprec", "top1") or last.startswith("top1_tau"):
             where = "/".join(name[1:-1]) or "held-out"
             parts.append(f"{where} {last} {100 * metrics[k]:.1f}%")
     secs = sum(v for k, v in metrics.items() if k.startswith("eval") and k.endswith("seconds"))
@@ -111,6 +111,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         literal_scorer=cfg.loss.literal_scorer, chunk_size=cfg.loss.chunk_size,
         multi_caption=cfg.data.captions == "all", diversity_weight=cfg.loss.diversity_weight,
         diversity_margin=cfg.loss.diversity_margin, siglip_init=cfg.loss.siglip_init,
+        init_bias=cfg.loss.init_bias, global_batch=cfg.data.batch_size,
     ).to(device)
     optimizer = build_optimizer(core, cfg.train.lr, cfg.train.betas, cfg.train.eps, cfg.train.weight_decay)
 
@@ -260,6 +261,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "train/loss": loss_mean,
                     "train/lr": lr,
                     "train/logit_scale": core.logit_scale_value(),
+                    # the sigmoid losses' bias (from loss.init_bias); InfoNCE has none
+                    **({"train/logit_bias": float(core.logit_bias.detach())} if core.logit_bias is not None else {}),
                     "train/epoch": float(epoch),
                     **step_metrics(clock.steps, clock.samples, wait, compute, step_flops, peak, world),
                 }
