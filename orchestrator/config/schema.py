@@ -21,6 +21,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.errors import UserError
 
 
+def _number_or_auto(v, ok, what: str):
+    """None, "auto", or a number `ok` accepts (YAML reads 989e12, without a dot, as a string)."""
+    if v is None or v == "auto":
+        return v
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        f = float("nan")
+    if isinstance(v, bool) or f != f or not ok(f):
+        raise ValueError(f"{v!r}: give {what}")
+    return f
+
+
 class ConfigError(UserError, ValueError):
     """A one-line, user-facing problem with an experiment file."""
 
@@ -98,15 +111,7 @@ class LossSection(_Strict):
     @field_validator("init_bias", mode="before")
     @classmethod
     def _init_bias(cls, v):
-        if v is None or v == "auto":
-            return v
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            f = float("nan")
-        if isinstance(v, bool) or f != f or f in (float("inf"), float("-inf")):
-            raise ValueError(f"{v!r}: give a number (e.g. -10) or auto (-ln of data.batch_size)")
-        return f
+        return _number_or_auto(v, lambda f: abs(f) < float("inf"), "a number (e.g. -10) or auto (-ln of data.batch_size)")
 
 
 class S3Section(_Strict):
@@ -154,15 +159,7 @@ class TrainSection(_Strict):
     @field_validator("peak_flops", mode="before")
     @classmethod
     def _peak_flops(cls, v):
-        if v is None or v == "auto":
-            return v
-        try:
-            f = float(v)  # YAML reads 989e12 (no dot) as a string
-        except (TypeError, ValueError):
-            f = -1.0
-        if isinstance(v, bool) or not f > 0:
-            raise ValueError(f"{v!r}: give the device's peak FLOP/s per device (e.g. 989e12) or auto")
-        return f
+        return _number_or_auto(v, lambda f: f > 0, "the device's peak FLOP/s per device (e.g. 989e12) or auto")
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0)  # 0: evaluate at the end only
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end

@@ -3,13 +3,13 @@ checkpoint folder or file, local or s3://), logged into that run, into the run w
 or into a new eval-only run."""
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
 from orchestrator.errors import UserError
 from orchestrator.evaluation.runner import format_eval_table, merge_final, preflight, runner_for
-from orchestrator.storage.checkpoints import checkpoint_file, load_checkpoint, state_tokenizer_spec
+from orchestrator.storage.checkpoints import load_checkpoint, state_tokenizer_spec
+from orchestrator.tracking.lookup import resolve_checkpoint, store_client
 
 
 def add_args(p) -> None:
@@ -29,46 +29,19 @@ def add_args(p) -> None:
     p.add_argument("--no-log", action="store_true", help="print the table only; log nothing to MLflow")
 
 
-def _find_run(c, target: str):
-    if re.fullmatch(r"[0-9a-f]{32}", target):
-        try:
-            return c.get_run(target)
-        except Exception:
-            return None
-    ids = [e.experiment_id for e in c.search_experiments(max_results=10000)]
-    if not ids:
-        return None
-    q = target.replace("'", "\\'")
-    runs = c.search_runs(ids, filter_string=f"tags.`llip.run_name` = '{q}'", max_results=1,
-                         order_by=["attributes.start_time DESC"])
-    return runs[0] if runs else None
-
-
 def cli(args) -> int:
     from orchestrator.data.evalsets import inspect_set
     from orchestrator.tracking import store as tracking
 
-    uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    store_exists = not (uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists())
-    c = tracking.client(uri) if store_exists else None
-    run = None
     looks_like_path = args.target.startswith("s3://") or Path(args.target).exists()
     from orchestrator.storage.checkpoints import is_export
 
     if looks_like_path and is_export(args.target):
+        c, uri = store_client(args.tracking_uri)
         return _eval_export(args, c, uri)
-    if not looks_like_path:
-        run = _find_run(c, args.target) if c is not None else None
-        if run is None:
-            raise UserError(f"{args.target}: neither a checkpoint path nor an MLflow run id or name in {uri}; "
-                            "pass the checkpoint directory, or --tracking-uri for the run's store")
-        ckpt = run.data.tags.get("llip.checkpoint")
-        if not ckpt:
-            raise UserError(f"run {args.target} has no checkpoint (no llip.checkpoint tag: it ended before its "
-                            "first checkpoint); pass a checkpoint directory instead")
-        ckpt_file = checkpoint_file(ckpt)
-    else:
-        ckpt_file = checkpoint_file(args.target)
+    # a run's checkpoint logs into that run; a checkpoint path into the run it belongs to, if any
+    ckpt_file, run, c = resolve_checkpoint(args.target, args.tracking_uri)
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
     state, cfg, model = load_checkpoint(ckpt_file)
     step = int(state.get("step", 0))
 
@@ -98,22 +71,13 @@ def cli(args) -> int:
     if c is None:
         uri = tracking.resolve_tracking_uri(args.tracking_uri or cfg.mlflow.tracking_uri)
         c = tracking.client(uri)
-    if run is None:  # a checkpoint path: its training run if the store knows it, else a new eval run
-        q = ckpt_file.rsplit("/", 1)[0].replace("'", "\\'")
-        ids = [e.experiment_id for e in c.search_experiments(max_results=10000)]
-        hits = c.search_runs(ids, filter_string=f"tags.`llip.checkpoint` = '{q}'", max_results=1) if ids else []
-        run = hits[0] if hits else None
-    if run is None:
+    if run is None:  # a checkpoint no run of this store names: a new eval run
         exp_id = tracking.experiment_id(c, cfg.mlflow.experiment or cfg.name)
         run = c.create_run(exp_id, run_name=f"eval-{cfg.name}-step{step}",
                            tags={"llip.checkpoint": ckpt_file.rsplit("/", 1)[0], "llip.eval_only": "true",
                                  "llip.git_commit": tracking.git_commit()})
         c.set_terminated(run.info.run_id, status="FINISHED")
-    tracking.MetricLogger(uri, run.info.run_id).log(metrics, step)
-    merge_final(c, run.info.run_id, metrics)
-    print(f"\nlogged {len(metrics)} metrics at step {step} into MLflow run {run.info.run_id} "
-          f"({run.data.tags.get('mlflow.runName', '')}) in {uri}")
-    return 0
+    return _log(c, uri, run, metrics, step)
 
 
 def _eval_export(args, c, uri: str) -> int:
@@ -164,6 +128,12 @@ def _eval_export(args, c, uri: str) -> int:
                            tags={"llip.export": args.target, "llip.eval_only": "true",
                                  "llip.git_commit": tracking.git_commit()})
         c.set_terminated(run.info.run_id, status="FINISHED")
+    return _log(c, uri, run, metrics, step)
+
+
+def _log(c, uri: str, run, metrics: dict, step: int) -> int:
+    from orchestrator.tracking import store as tracking
+
     tracking.MetricLogger(uri, run.info.run_id).log(metrics, step)
     merge_final(c, run.info.run_id, metrics)
     print(f"\nlogged {len(metrics)} metrics at step {step} into MLflow run {run.info.run_id} "

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator.errors import UserError
@@ -48,7 +47,9 @@ def add_args(p) -> None:
 
 
 def cli(args) -> int:
-    ckpt, run, _c = resolve_target(args.target, args.tracking_uri)
+    from orchestrator.tracking.lookup import resolve_checkpoint
+
+    ckpt, run, _c = resolve_checkpoint(args.target, args.tracking_uri)
     r = export_checkpoint(ckpt, args.out, fmt=args.format, dtype=args.dtype, run=run, client=_c)
     total = sum(r.files.values())
     print(f"exported {ckpt} ({'run ' + r.run_id if r.run_id else 'no MLflow run found'}) to {r.out} "
@@ -63,30 +64,6 @@ def cli(args) -> int:
 
 def _size(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
-
-
-def resolve_target(target: str, tracking_uri: Optional[str] = None):
-    """(checkpoint state.pt URL, MLflow run or None, client or None) for what the user typed."""
-    from orchestrator.storage.checkpoints import checkpoint_file
-    from orchestrator.tracking import store as tracking
-    from orchestrator.tracking.lookup import find_run, run_of_checkpoint
-
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    store_exists = not (uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists())
-    c = tracking.client(uri) if store_exists else None
-    if target.startswith("s3://") or Path(target).exists():
-        ckpt = checkpoint_file(target)
-        run = run_of_checkpoint(c, ckpt.rsplit("/", 1)[0]) if c is not None else None
-        return ckpt, run, c
-    run = find_run(c, target) if c is not None else None
-    if run is None:
-        raise UserError(f"{target}: neither a checkpoint path nor an MLflow run id or name in {uri}; pass the "
-                        "checkpoint folder, or --tracking-uri for the run's store")
-    ckpt = run.data.tags.get("llip.checkpoint")
-    if not ckpt:
-        raise UserError(f"run {target} has no checkpoint (no llip.checkpoint tag: it ended before its first "
-                        "checkpoint); pass a checkpoint folder instead")
-    return checkpoint_file(ckpt), run, c
 
 
 def _run_facts(c, run) -> dict[str, Any]:

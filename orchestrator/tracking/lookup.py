@@ -3,6 +3,8 @@ run name, or a run id. Shared by `llip compare` and `llip report`."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Optional
 
 from orchestrator.errors import UserError
 
@@ -71,3 +73,42 @@ def run_of_checkpoint(c, ckpt_dir: str):
     ids = [e.experiment_id for e in c.search_experiments(max_results=10000)]
     hits = c.search_runs(ids, filter_string=f"tags.`llip.checkpoint` = '{quote(ckpt_dir)}'", max_results=1) if ids else []
     return hits[0] if hits else None
+
+
+def store_client(tracking_uri: Optional[str] = None):
+    """(client or None, resolved URI): None when a local sqlite store does not exist (opening it would
+    create an empty one)."""
+    from orchestrator.tracking import store
+
+    uri = store.resolve_tracking_uri(tracking_uri)
+    exists = not (uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists())
+    return (store.client(uri) if exists else None), uri
+
+
+def resolve_checkpoint(target: str, tracking_uri: Optional[str] = None):
+    """(checkpoint state.pt URL, its MLflow run or None, client or None) for what a user typed: a
+    checkpoint folder or file (local or s3://), a run's storage folder, or a run id or name."""
+    from orchestrator.storage.checkpoints import checkpoint_file
+
+    c, uri = store_client(tracking_uri)
+    if target.startswith("s3://") or Path(target).exists():
+        ckpt = checkpoint_file(target)
+        run = run_of_checkpoint(c, ckpt.rsplit("/", 1)[0]) if c is not None else None
+        return ckpt, run, c
+    run = find_run(c, target) if c is not None else None
+    if run is None:
+        raise NoSuchTarget(f"{target}: neither a checkpoint path nor an MLflow run id or name in {uri}; pass the "
+                           "checkpoint folder, or --tracking-uri for the run's store", uri=uri)
+    ckpt = run.data.tags.get("llip.checkpoint")
+    if not ckpt:
+        raise NoSuchTarget(f"run {target} has no checkpoint (no llip.checkpoint tag: it ended before its first "
+                           "checkpoint); pass a checkpoint folder instead", uri=uri, run=run)
+    return checkpoint_file(ckpt), run, c
+
+
+class NoSuchTarget(UserError):
+    """What a user named is no checkpoint: no such path or run (`run` None), or a run without one."""
+
+    def __init__(self, msg: str, uri: str, run=None):
+        super().__init__(msg)
+        self.uri, self.run = uri, run

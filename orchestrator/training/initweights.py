@@ -44,27 +44,22 @@ def resolve(cfg: "ExperimentConfig") -> Optional[InitSource]:
     given = cfg.train.init_from
     if not given:
         return None
-    from orchestrator.storage.checkpoints import checkpoint_file, is_export
+    from orchestrator.storage.checkpoints import is_export
 
     where = f"train.init_from {given}"
-    if given.startswith("s3://") or Path(given).exists():
-        if is_export(given):
-            return _export_source(given, given)
-        return _checkpoint_source(given, checkpoint_file(given), None)
-    from orchestrator.tracking import store as tracking
-    from orchestrator.tracking.lookup import find_run
+    if (given.startswith("s3://") or Path(given).exists()) and is_export(given):
+        return _export_source(given, given)
+    from orchestrator.tracking.lookup import NoSuchTarget, resolve_checkpoint
 
-    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    store_exists = not (uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists())
-    run = find_run(tracking.client(uri), given) if store_exists else None
-    if run is None:
-        raise UserError(f"{where}: no such folder, and no MLflow run with that id or name in {uri}; give an "
-                        "export folder (llip export / llip import-official) or a run id")
-    ckpt = run.data.tags.get("llip.checkpoint")
-    if not ckpt:
-        raise UserError(f"{where}: run {run.info.run_id} has no checkpoint (no llip.checkpoint tag); export one "
-                        "and give its folder")
-    return _checkpoint_source(given, checkpoint_file(ckpt), run.info.run_id)
+    try:  # a checkpoint folder or file, a run's storage folder, or a run id or name
+        ckpt, run, _ = resolve_checkpoint(given, cfg.mlflow.tracking_uri)
+    except NoSuchTarget as e:
+        if e.run is None:
+            raise UserError(f"{where}: no such folder, and no MLflow run with that id or name in {e.uri}; give an "
+                            "export folder (llip export / llip import-official) or a run id") from None
+        raise UserError(f"{where}: run {e.run.info.run_id} has no checkpoint (no llip.checkpoint tag); export one "
+                        "and give its folder") from None
+    return _checkpoint_source(given, ckpt, run.info.run_id if run is not None else None)
 
 
 def _export_source(given: str, folder: str) -> InitSource:
