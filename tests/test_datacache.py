@@ -56,7 +56,8 @@ def test_cache_estimate_over_budget_turns_the_pass_off_in_one_line(emoji_shards,
     from orchestrator.data.shared_decode import bytes_per_sample, cache_bytes, epochs_needed, start_shared_data
 
     cfg = load_config(ROOT / "experiments" / "sweep_demo.yaml").with_overrides(
-        {"data.train": str(emoji_shards / "train"), "train.steps": 200, "sweep.shared_data.max_gb": 0.001})
+        {"data.train": str(emoji_shards / "train"), "train.steps": 200, "sweep.shared_data.max_gb": 0.001,
+         "sweep.shared_data.enabled": True})
     from orchestrator.data.plan import build_train_source
 
     n = sum(build_train_source(cfg, None).counts)
@@ -207,3 +208,21 @@ def test_dead_producer_readers_decode_themselves(ray_local, shards, tmp_path):
 
 # The sweep itself (two trials trained on one sample sequence, decoded once by the pass, the trials
 # decoding nothing) is checked in tests/test_sweep.py's sweep test, which runs with the pass on.
+
+
+def test_auto_measures_the_decode_share_and_turns_the_pass_off_below_the_bar(emoji_shards, capsys):
+    """enabled: auto decodes a few real samples with the trials' decoder and times a training step of
+    their model; below min_decode_share it turns the pass off in one line naming both figures."""
+    from orchestrator.data.shared_decode import decode_seconds_per_sample, start_shared_data, train_seconds_per_sample
+
+    cfg = load_config(ROOT / "experiments" / "sweep_demo.yaml").with_overrides(
+        {"data.train": str(emoji_shards / "train"), "sweep.shared_data.min_decode_share": 1.0})
+    assert cfg.sweep.shared_data.enabled == "auto"  # the default
+    d, t = decode_seconds_per_sample(cfg, n=16), train_seconds_per_sample(cfg, batch=4, steps=1)
+    assert 0 < d < 1 and 0 < t < 10
+    assert start_shared_data(cfg, "s-1") is None  # a share below 1.0: off, before any actor exists
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("[llip] shared data pass off: decoding is ")
+    assert "ms of CPU a sample against" in out[0] and "sweep.shared_data.enabled: true forces it" in out[0]
+    with pytest.raises(Exception, match="sweep.shared_data.enabled"):
+        cfg.with_overrides({"sweep.shared_data.enabled": "sometimes"})

@@ -32,6 +32,7 @@ train: {{steps: 10, log_every: 5, warmup_steps: 2}}
 data: {{train: {shards / 'train'}, eval: {shards / 'eval'}}}
 storage_path: {tmp_path / 'runs'}
 sweep:
+  shared_data: {{enabled: true}}
 {extra_sweep}  params:
 {extra_params}    model.mixture_tokens: {{grid: [4]}}
     loss.type: {{grid: null, choice: [llip, llip_infonce]}}

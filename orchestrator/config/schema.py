@@ -333,7 +333,11 @@ class SweepSection(_Strict):
 
 class SharedDataSection(_Strict):
     """One decode per data setting for all of a sweep's trials (orchestrator/data/shared_decode.py)."""
-    enabled: bool = True  # false: every trial reads and decodes its own data, as `llip run` does
+    # auto: on when decoding is at least min_decode_share of a trial's work per sample (measured at the
+    # sweep's start: decoding a few real samples against a training step of the trial's model); true:
+    # always; false: every trial reads and decodes its own data, as `llip run` does
+    enabled: Union[bool, Literal["auto"]] = "auto"
+    min_decode_share: float = Field(0.25, ge=0, le=1)
     cache: Optional[str] = None  # local dir or s3://bucket/prefix; None: <storage_path>/<sweep run>/data_cache
     max_gb: float = Field(50.0, gt=0)  # above this estimate (or the local disk's free space): per-trial decoding
 

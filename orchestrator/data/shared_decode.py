@@ -395,15 +395,124 @@ def off_line(why: str) -> str:
     return f"[llip] shared data pass off: {why}; trials decode their own data"
 
 
+# --------------------------------------------------------------------------------------------
+# is it worth it? (sweep.shared_data.enabled: auto)
+# --------------------------------------------------------------------------------------------
+PROBE_SAMPLES = 64
+CPU_FLOPS_GUESS = 20e9  # FLOP/s of one CPU thread on a training step, to skip probing huge models
+
+
+def _probe_spec(cfg) -> dict:
+    """The trials' tokenizer without a compact table (the table maps ids; the cost is the same)."""
+    from llip_core.tokenizer import tokenizer_spec
+
+    m = cfg.resolved_model()
+    vocab = 49408 if m.tokenizer == "clip_bpe" else m.vocab_size
+    return tokenizer_spec(m.tokenizer, m.context_length, vocab, "full")
+
+
+def decode_seconds_per_sample(cfg, n: int = PROBE_SAMPLES) -> float:
+    """Thread CPU seconds per sample of the trials' own Decoder (read, decode, augment, tokenize) on
+    the first n samples of the first shard, in this process."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    from orchestrator.data.plan import build_train_source
+    from orchestrator.data.sizes import open_shard
+    from orchestrator.data.tars import read_tar_stream
+
+    source = build_train_source(cfg, _probe_spec(cfg))
+    rows: list[pa.Table] = []
+    for path in source.paths:
+        with open_shard(path, source.fs) as f:
+            for t in read_tar_stream(f, path, chunk_rows=n):
+                rows.append(t)
+                if sum(len(r) for r in rows) >= n:
+                    break
+        if sum(len(r) for r in rows) >= n:
+            break
+    table = pa.concat_tables(rows).slice(0, n)
+    batch = {k: np.asarray(table.column(k).to_pylist(), dtype=object) for k in table.column_names}
+    dec = dataclasses.replace(source.decoder, stats=None, epoch=0)
+    dec(batch)  # warm: imports, the tokenizer's tables, the image codec
+    t0 = time.thread_time()
+    dec(batch)
+    return (time.thread_time() - t0) / max(1, len(table))
+
+
+def train_seconds_per_sample(cfg, batch: int = 16, steps: int = 2) -> float:
+    """CPU seconds per sample of a training step (forward, backward, AdamW) of the trials' model on
+    the CPUs one worker holds, in this process; estimated from FLOPs for a model too big to probe."""
+    import torch
+
+    from llip_core.flops import train_step_flops
+    from llip_core.optim import build_optimizer
+    from llip_core.task import build_task
+    from llip_core.tokenizer import eot_id
+
+    m = cfg.resolved_model()
+    guess = train_step_flops(m, batch) / batch / CPU_FLOPS_GUESS
+    if guess > 0.25:
+        return guess
+    threads = cfg.train.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        task = build_task(m, cfg.loss.type, multi_caption=cfg.data.captions == "all")
+        opt = build_optimizer(task, 1e-4, (0.9, 0.95), 1e-6, 0.0)
+        images = torch.randn(batch, 3, m.image_size, m.image_size, generator=g)
+        tokens = torch.randint(4, m.vocab_size, (batch, m.context_length), generator=g)
+        tokens[:, -1] = eot_id(m.tokenizer, m.vocab)  # full-length captions: the costliest case
+        if cfg.data.captions == "all":
+            tokens = tokens[:, None].expand(batch, cfg.data.max_captions, m.context_length).contiguous()
+        mask = torch.ones(batch, cfg.data.max_captions, dtype=torch.bool) if cfg.data.captions == "all" else None
+
+        def step():
+            loss = (task(images, tokens, mask) if mask is not None else task(images, tokens))["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        step()  # warm
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return (time.perf_counter() - t0) / steps / batch
+    finally:
+        torch.set_num_threads(old)
+
+
+def decode_share(cfg) -> tuple[float, Optional[float], float]:
+    """(decode s/sample, train s/sample or None on GPU trials, decode share of a sample's work)."""
+    d = decode_seconds_per_sample(cfg)
+    if cfg.scaling.use_gpu:
+        return d, None, 1.0  # GPU trials: the CPUs' decoding is what feeds them; sharing it pays
+    t = train_seconds_per_sample(cfg)
+    return d, t, d / (d + t)
+
+
 def start_shared_data(cfg, run_name: str) -> Optional[SharedData]:
-    """The sweep's shared pass, or None (after one line saying why) when the base config's cache
-    would not fit sweep.shared_data.max_gb or the disk. Called after Ray is up."""
+    """The sweep's shared pass, or None (after one line saying why) when it is off, when `auto` finds
+    decoding too small a share of a trial's work to pay for the cache, or when the base config's
+    cache would not fit sweep.shared_data.max_gb or the disk. Called after Ray is up."""
     from orchestrator.data.plan import build_train_source
     from orchestrator.storage.paths import storage_path
 
     sd = cfg.sweep.shared_data
-    if not sd.enabled:
+    if sd.enabled is False:
         return None
+    if sd.enabled == "auto":
+        d, t, share = decode_share(cfg)
+        work = (f"decoding {1e3 * d:.2f} ms of CPU a sample against {1e3 * t:.2f} ms of training, measured"
+                if t is not None else f"decoding {1e3 * d:.2f} ms of CPU a sample for GPU trials")
+        if share < sd.min_decode_share:
+            print(off_line(f"decoding is {share:.0%} of a trial's work here ({work}), under "
+                           f"sweep.shared_data.min_decode_share {sd.min_decode_share:g}, so one shared decode would "
+                           "save less than its cache costs (sweep.shared_data.enabled: true forces it)"), flush=True)
+            return None
+        print(f"[llip] shared data pass: decoding is {share:.0%} of a trial's work here ({work})", flush=True)
     default_root = sd.cache is None
     url = sd.cache or f"{storage_path(cfg).rstrip('/')}/{run_name}/data_cache"
     root, fs = split_root(url, cfg.data.s3)
