@@ -2,10 +2,17 @@
 decoding per trial against the same sweep reading one shared decode, in two settings:
 
   emoji     experiments/sweep_demo.yaml's grid (K x loss type: 4 trials, smoke-size model, one
-            worker each) on the demo's 32 px Twemoji PNG shards: decoding is cheap.
+            worker each) on the demo's 32 px Twemoji PNG shards, 40 steps: decoding is cheap.
   jpeg224   the same sweep with the smallest model (`micro`) on those images re-encoded as 224 px
-            JPEG shards, decoded and augmented at 224 with patch 16 (a B/16 run's 196 patches):
-            decoding is the cost.
+            JPEG shards, decoded and augmented at 224 with patch 16 (a B/16 run's 196 patches),
+            100 steps: decoding is the cost (about half of a trial's CPU a sample), and the steps
+            are enough that the trials' start-up (about 35 s each here) is not most of the wall.
+
+Both modes run at the same number of trials at once (`--concurrent`, 2: the per-trial mode's own
+limit on 2 cores; the shared mode would otherwise start 3, as its trials reserve no decode CPUs,
+and on a CPU-only machine a third trial only shares the same 2 cores and leaves the 4th trial
+alone at the end), so the schedule is the same and only the data path differs. Model logging is
+off (`mlflow.log_model`): it is the same in both modes and not data.
 
 The two modes run interleaved (per-trial, shared, shared, per-trial, ... `--rounds` of each, the
 order alternating per round) on one local Ray cluster, so a change in the machine's load hits both;
@@ -14,7 +21,7 @@ sweep's wall time and of the read+decode CPU seconds (thread CPU time measured i
 decode tasks, the trials' and the shared pass's), the cache's own I/O CPU beside them, and what
 `sweep.shared_data.enabled: auto` decides for the setting (its measured decode share).
 
-    python benchmarks/sweep_data.py [--settings emoji jpeg224] [--rounds 3] [--steps 40]
+    python benchmarks/sweep_data.py [--settings emoji jpeg224] [--rounds 3] [--steps N] [--concurrent 2]
 
 Last line: one JSON object; per setting `wall_ratio` and `decode_cpu_ratio` (median shared / median
 per-trial; targets for jpeg224: <= 0.8 and <= 0.35), the spreads, and auto's decision.
@@ -33,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+STEPS = {"emoji": 40, "jpeg224": 100}  # per setting, unless --steps
 
 
 def jpeg_shards(src: Path, out: Path) -> Path:
@@ -69,9 +77,11 @@ def jpeg_shards(src: Path, out: Path) -> Path:
 def config(setting: str, shards: Path, mode: str, args, work: Path):
     from orchestrator.config.schema import load_config
 
+    steps = args.steps or STEPS[setting]
     over = {
         "name": f"bench_{setting}_{mode}", "data.train": str(shards), "data.eval": None,
-        "train.steps": args.steps, "train.log_every": max(1, args.steps // 4), "train.warmup_steps": 5,
+        "train.steps": steps, "train.log_every": max(1, steps // 4), "train.warmup_steps": 5,
+        "mlflow.log_model": False,
         "storage_path": str(work / "runs"), "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
         "sweep.metric": "train/loss", "sweep.mode": "min",
         "sweep.shared_data.enabled": {"per_trial": False, "shared": True, "auto": "auto"}[mode],
@@ -126,9 +136,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--settings", nargs="+", default=["emoji", "jpeg224"], choices=["emoji", "jpeg224"])
     ap.add_argument("--rounds", type=int, default=3, help="runs of each mode per setting, interleaved")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=None, help=f"steps per trial (default per setting: {STEPS})")
     ap.add_argument("--shards", default=str(ROOT / "data" / "emoji" / "train"), help="the emoji training shards")
-    ap.add_argument("--concurrent", type=int, default=None, help="max concurrent trials for both modes")
+    ap.add_argument("--concurrent", type=int, default=2,
+                    help="trials at once, the same for both modes (0: each mode derives its own)")
     args = ap.parse_args()
     emoji = Path(args.shards)
     if not emoji.is_dir():
@@ -188,7 +199,8 @@ def main() -> None:
         }
         print(f"{setting}: shared / per-trial wall {out[setting]['wall_ratio']}, read+decode CPU "
               f"{out[setting]['decode_cpu_ratio']}; auto: {res['auto']}")
-    print(json.dumps({"steps": args.steps, "trials": 4, "rounds": args.rounds, **out}))
+    print(json.dumps({"steps": {k: args.steps or STEPS[k] for k in out}, "trials": 4, "rounds": args.rounds,
+                      "concurrent": args.concurrent or "derived", **out}))
 
 
 if __name__ == "__main__":

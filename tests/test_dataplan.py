@@ -216,3 +216,28 @@ def test_elastic_resume_sees_every_remaining_sample_once(source, before, after_)
     everything = seen + later
     assert len(set(everything)) == len(everything), "a sample was seen twice in the epoch"
     assert len(everything) == N_TRAIN  # 128 samples, nothing dropped: the remainder splits into full batches
+
+
+def _ids(ds):
+    return [int(i) for b in ds.iter_batches(batch_size=None, batch_format="numpy") for i in b["sample_id"]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_training_stream_is_paced_and_pacing_changes_no_row(source):
+    """The executor's loop sleeps between steps (orchestrator/data/pacing.py), and the paced stream
+    holds the very rows, in the very order, of the same dataset without the pause."""
+    from orchestrator.data.pacing import Paced
+
+    mine = source.plan(0).worker_intervals(1)[0]
+    paced_ds = source.dataset(0, mine)
+    assert Paced in paced_ds.context.custom_execution_callback_classes
+    before = Paced.steps
+    got = _ids(paced_ds)
+    assert Paced.steps > before  # the callback ran in this (the consuming) process
+    bare = source.dataset(0, mine)
+    bare.context.custom_execution_callback_classes = [c for c in bare.context.custom_execution_callback_classes
+                                                       if c is not Paced]
+    steps = Paced.steps
+    assert _ids(bare) == got and len(got) == N_TRAIN
+    assert Paced.steps == steps

@@ -295,7 +295,9 @@ class TrainSource:
             from ray.data import ExecutionResources
 
             opts.resource_limits = ExecutionResources(cpu=self.cpu_limit)
-        return ds
+        from orchestrator.data.pacing import paced
+
+        return paced(ds)
 
 
 def build_train_source(cfg, tokenizer: Optional[dict], stats=None, cpu_limit: Optional[float] = None,

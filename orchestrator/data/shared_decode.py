@@ -655,4 +655,6 @@ def cache_dataset(source, epoch: int, intervals: Sequence):
     from ray.data import ExecutionResources
 
     opts.resource_limits = ExecutionResources(object_store_memory=(max(1, source.concurrency) + 1) * biggest * row)
-    return ds
+    from orchestrator.data.pacing import paced
+
+    return paced(ds)  # quick reads under that cap would otherwise spin the executor (pacing.py)
