@@ -2,7 +2,7 @@
 decoding per trial against the same sweep reading one shared decode, in two settings:
 
   emoji     experiments/sweep_demo.yaml's grid (K x loss type: 4 trials, smoke-size model, one
-            worker each) on the demo's 32 px Twemoji PNG shards, 40 steps: decoding is cheap.
+            worker each) on the demo's 32 px Twemoji PNG shards, 60 steps (sweep_demo's own): decoding is cheap.
   jpeg224   the same sweep with the smallest model (`micro`) on those images re-encoded as 224 px
             JPEG shards, decoded and augmented at 224 with patch 16 (a B/16 run's 196 patches),
             100 steps: decoding is the cost (about half of a trial's CPU a sample), and the steps
@@ -40,7 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-STEPS = {"emoji": 40, "jpeg224": 100}  # per setting, unless --steps
+STEPS = {"emoji": 60, "jpeg224": 100}  # per setting, unless --steps
 
 
 def jpeg_shards(src: Path, out: Path) -> Path:

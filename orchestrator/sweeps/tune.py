@@ -564,7 +564,7 @@ def _run_sweep(cfg: ExperimentConfig, max_concurrent_trials: Optional[int], run_
     cmp = compare.compare(c, parent_id)
     if cmp.rows:
         compare.log_to_parent(c, cmp)
-    if cmp.best is not None:
+    if cmp.best is not None and cfg.mlflow.log_model:  # without logged models there is nothing to register
         register_best(c, uri, parent_id, cmp.best["run_id"], exp)
     c.set_tag(parent_id, "llip.trials", str(counts["total"]))
     c.set_tag(parent_id, "llip.trials_failed", str(counts["failed"]))
