@@ -82,7 +82,8 @@ SIZES: dict[str, ModelConfig] = {
     # CPU tests and demos: 32 px images, CLIP BPE with a compact vocabulary (the table's size is set from
     # the training captions when a run starts; 4096 is only the value before that). cross_heads 8, not
     # the released K=8 config's 1: measured on the caption-diversity scenes (README, "Many captions per
-    # image"; issue 24: R-precision 0.685 with 8 heads against 0.451 with 1, K=8, 500 steps, one seed).
+    # image": R-precision 0.633 +- 0.014 with 8 heads against 0.532 +- 0.043 with 1, K=8, 300 steps, three
+    # seeds, dev Xeon 2026-12-05; issue 24's one seed at 500 steps: 0.685 against 0.451).
     "tiny": ModelConfig(
         image_size=32, patch_size=4, width=128, layers=4, heads=4, context_length=16, vocab_size=4096, vocab="compact",
         text_width=128, text_layers=4, text_heads=4, embed_dim=128, mixture_tokens=8, tau=5.0,
