@@ -5,8 +5,10 @@ decoding per trial against the same sweep reading one shared decode, in two sett
             worker each) on the demo's 32 px Twemoji PNG shards, 60 steps (sweep_demo's own): decoding is cheap.
   jpeg224   the same sweep with the smallest model (`micro`) on those images re-encoded as 224 px
             JPEG shards, decoded and augmented at 224 with patch 16 (a B/16 run's 196 patches),
-            100 steps: decoding is the cost (about half of a trial's CPU a sample), and the steps
-            are enough that the trials' start-up (about 35 s each here) is not most of the wall.
+            100 steps, 2 decode tasks (`data.decode_concurrency`; in the shared mode that is also
+            the producer's tasks and its read-ahead): decoding is the cost (about half of a trial's
+            CPU a sample), and the steps are enough that the trials' start-up (about 35 s each
+            here) is not most of the wall.
 
 Both modes run at the same number of trials at once (`--concurrent`, 2: the per-trial mode's own
 limit on 2 cores; the shared mode would otherwise start 3, as its trials reserve no decode CPUs,
@@ -88,6 +90,7 @@ def config(setting: str, shards: Path, mode: str, args, work: Path):
     }
     if setting == "jpeg224":  # the smallest model, at a B/16 run's image size and patch count
         over.update({"model.size": "micro", "model.image_size": 224, "model.patch_size": 16,
+                     "data.decode_concurrency": 2,  # 2 decode tasks, as 224 px data needs (both modes)
                      "model.width": None, "model.layers": None, "model.heads": None, "model.text_width": None,
                      "model.text_layers": None, "model.text_heads": None, "model.embed_dim": None,
                      "model.mixture_tokens": None})
