@@ -411,6 +411,11 @@ class ExperimentConfig(_Strict):
             return self.curation.out.rstrip("/") + "/train"
         return self.data.train
 
+    def torch_threads(self) -> int:
+        """torch's intra-op threads in a CPU training worker: train.threads_per_worker, else the
+        whole CPUs the worker holds (at least 1)."""
+        return self.train.threads_per_worker or max(1, int(self.scaling.cpus_per_worker))
+
     def resolved_model(self):
         return self.model.resolve(self.loss.type)
 

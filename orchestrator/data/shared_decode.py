@@ -455,7 +455,7 @@ def train_seconds_per_sample(cfg, batch: int = 16, steps: int = 2) -> float:
     guess = train_step_flops(m, batch) / batch / CPU_FLOPS_GUESS
     if guess > 0.25:
         return guess
-    threads = cfg.train.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker))
+    threads = cfg.torch_threads()  # as the trial's worker sets them
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

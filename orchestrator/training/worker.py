@@ -103,7 +103,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     use_cuda = device.type == "cuda"
     if not use_cuda:
         # Fractional CPUs per worker: more intra-op threads than cores only adds contention.
-        torch.set_num_threads(cfg.train.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)))
+        torch.set_num_threads(cfg.torch_threads())
 
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts from rank 0)
     core = build_task(
