@@ -180,7 +180,8 @@ def test_a_stopped_reader_stops_the_producer(ray_local, shards, tmp_path):
     assert stream.next_batch() is not None
     time.sleep(8)  # a slow trainer: its stream stays open
     (s,) = ray.get(registry.summary.remote()).values()
-    # the window being read, the producer's read-ahead of one, the reader's cap of two in flight
+    # the window being trained on, the reader thread's one window ahead and the one it waits to hand
+    # over, the producer's read-ahead of one
     assert 1 <= s["windows"] <= 5, s
     del stream
     ray.kill(registry)

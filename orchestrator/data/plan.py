@@ -299,6 +299,12 @@ class TrainSource:
 
         return paced(ds)
 
+    def batches(self, epoch: int, intervals: Sequence[Interval], batch_size: int, dtypes: dict):
+        """This worker's full batches of `epoch` as torch tensors, in plan order (the last partial
+        batch dropped)."""
+        return self.dataset(epoch, intervals).iter_torch_batches(batch_size=batch_size, drop_last=True,
+                                                                 dtypes=dtypes, prefetch_batches=2)
+
 
 def build_train_source(cfg, tokenizer: Optional[dict], stats=None, cpu_limit: Optional[float] = None,
                        num_workers: Optional[int] = None) -> TrainSource:
@@ -338,11 +344,10 @@ class EpochStream:
         import torch
 
         self.epoch, self.intervals, self.next_pos = epoch, list(intervals), -1
-        ds = source.dataset(epoch, self.intervals) if total(self.intervals) else None
         dtypes = {"image": torch.uint8, "tokens": torch.int64, "sample_id": torch.int64, "pos": torch.int64,
                   **({"caption_mask": torch.bool} if multi_caption else {})}
-        self._it = iter(ds.iter_torch_batches(batch_size=local_batch_size, drop_last=True, dtypes=dtypes,
-                                              prefetch_batches=2)) if ds is not None else iter(())
+        self._it = (iter(source.batches(epoch, self.intervals, local_batch_size, dtypes))
+                    if total(self.intervals) else iter(()))
         self._early: Optional[tuple[Any, dict]] = None  # (thread, box) while the first batch is fetched ahead
 
     def prefetch(self) -> "EpochStream":

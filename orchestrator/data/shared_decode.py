@@ -22,12 +22,14 @@ Parts
             driven: it decodes a window only when a trial's reader asks for it (plus the next
             `decode_concurrency` windows), so when no trial asks any more (ASHA stopped them, all
             finished) it decodes nothing more.
-  consumer  `cache_dataset`: what `dataset(epoch, intervals)` returns for the CachedTrainSource
-            that `attach` makes of a trial's TrainSource: one read task per window overlapping the
-            worker's positions, in plan order, waiting for the window's file, filtered to the
-            worker's positions; the rows equal
-            the decode path's (tests/test_datacache.py compares ids, pixels and tokens). If the
-            producer is gone or failed on that window, the task decodes the window itself.
+  consumer  `cache_batches`: what `batches(epoch, intervals, ...)` gives for the CachedTrainSource
+            that `attach` makes of a trial's TrainSource: a thread in the training process asks
+            the producer for each window overlapping the worker's positions, in plan order (the
+            ask waits for the window's file), reads the file, keeps the worker's positions and
+            cuts batches; the batches equal the decode path's (tests/test_datacache.py compares
+            ids, pixels and tokens). It runs `decode_concurrency` windows ahead of training, no
+            more. If the producer is gone or failed on that window, the thread decodes the window
+            itself, with the same code.
 
 Why plain Ray tasks under an actor and not one Ray Data execution per epoch: Ray Data's streaming
 executor paces itself by its consumer's iteration, and here the consumers are other processes that
@@ -56,7 +58,7 @@ from orchestrator.storage.paths import exists, read_bytes, write_file
 
 FORMAT = 1  # bump when the file layout changes: old caches then get other keys
 COLUMNS = ("pos", "image", "tokens", "sample_id", "caption_mask")
-POLL_S = (0.05, 1.0)  # a reader's wait between asks: first, at most
+WAIT_S = 5.0  # a reader's ask waits at most this long for its window, then asks again
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,9 +212,10 @@ def _data_pass_cls():
                 self.plans[epoch] = self.source.plan(epoch)
             return self.plans[epoch]
 
-        def need(self, epoch: int, windows: Sequence[int]) -> dict[int, str]:
-            """A reader needs these windows of `epoch` (in its plan order): their states. The next
-            `concurrency` windows of the epoch are queued behind them as read-ahead."""
+        def need(self, epoch: int, windows: Sequence[int], wait_s: float = 0.0) -> dict[int, str]:
+            """A reader needs these windows of `epoch` (in its plan order): their states, after
+            waiting up to `wait_s` for all of them to be done or failed. The next `concurrency`
+            windows of the epoch are queued behind them as read-ahead."""
             n = len(self._plan(epoch).windows)
             ahead = max(1, self.source.concurrency)
             with self.cv:
@@ -222,7 +225,14 @@ def _data_pass_cls():
                     for w in range(max(windows) + 1, min(n, max(windows) + 1 + ahead)):
                         self._enqueue(epoch, w, 1)
                 self.cv.notify_all()
-                return {w: self.state.get((epoch, w), "pending") for w in windows}
+
+                def states():
+                    return {w: self.state.get((epoch, w), "pending") for w in windows}
+
+                if wait_s > 0:
+                    self.cv.wait_for(lambda: all(v not in ("pending", "running") for v in states().values()),
+                                     timeout=wait_s)
+                return states()
 
         def _enqueue(self, epoch: int, w: int, prio: int) -> None:
             k = (epoch, w)
@@ -250,6 +260,7 @@ def _data_pass_cls():
                         del self.queue[k]
                         if exists(self.spec.fs, self.spec.path(*k)):  # an earlier sweep or pass wrote it
                             self.state[k] = "done"
+                            self.cv.notify_all()
                             continue
                         self.state[k] = "running"
                         running[self.task.remote(self.source, self.spec, k[0], k[1], self.stats)] = k
@@ -265,11 +276,13 @@ def _data_pass_cls():
                             self.produced["windows"] += 1
                             self.produced["rows"] += meta["rows"]
                             self.produced["bytes"] += meta["bytes"]
+                            self.cv.notify_all()
                     except Exception as e:  # readers of this window decode it themselves
                         from orchestrator.errors import one_line
 
                         with self.cv:
                             self.state[k] = f"failed: {one_line(e)}"
+                            self.cv.notify_all()
 
     return DataPass
 
@@ -441,9 +454,10 @@ def decode_seconds_per_sample(cfg, n: int = PROBE_SAMPLES) -> float:
     return (time.thread_time() - t0) / max(1, len(table))
 
 
-def train_seconds_per_sample(cfg, batch: int = 16, steps: int = 2) -> float:
+def train_seconds_per_sample(cfg, batch: Optional[int] = None, steps: int = 2) -> float:
     """CPU seconds per sample of a training step (forward, backward, AdamW) of the trials' model on
-    the CPUs one worker holds, in this process; estimated from FLOPs for a model too big to probe."""
+    the CPUs one worker holds, in this process, at a worker's batch size (at most 64: the pairwise
+    losses cost more a sample in bigger batches); estimated from FLOPs for a model too big to probe."""
     import torch
 
     from llip_core.flops import train_step_flops
@@ -452,6 +466,7 @@ def train_seconds_per_sample(cfg, batch: int = 16, steps: int = 2) -> float:
     from llip_core.tokenizer import eot_id
 
     m = cfg.resolved_model()
+    batch = batch or max(2, min(64, cfg.data.batch_size // cfg.scaling.num_workers))
     guess = train_step_flops(m, batch) / batch / CPU_FLOPS_GUESS
     if guess > 0.25:
         return guess
@@ -556,10 +571,14 @@ def attach(source, cfg, shared: Optional[dict]):
 
 @dataclass
 class CachedTrainSource(TrainSource):
-    """A TrainSource whose datasets read the sweep's shared decode (the decode path's very rows)."""
+    """A TrainSource whose batches are the sweep's shared decode read back (the decode path's very
+    rows), in the training process itself: no Ray Data execution, no read tasks."""
 
     def dataset(self, epoch: int, intervals: Sequence):
-        return cache_dataset(self, epoch, intervals)
+        raise TypeError("a CachedTrainSource streams through batches(); it has no Ray dataset")
+
+    def batches(self, epoch: int, intervals: Sequence, batch_size: int, dtypes: dict):
+        return cache_batches(self, epoch, intervals, batch_size, dtypes)
 
 
 def _producer(spec: CacheSpec):
@@ -571,18 +590,18 @@ def _producer(spec: CacheSpec):
         return None
 
 
-def _cached_blocks(source, epoch: int, w: int, mine: Sequence, owns_start: bool):
-    """A reader task: window w's file once the producer has written it, cut to `mine`."""
+def _cached_window(source, producer, epoch: int, w: int, mine: Sequence, owns_start: bool) -> tuple[dict, Any]:
+    """Window w's rows cut to `mine`, once the producer has written its file (asking for it is what
+    makes the producer decode it); decoded here, by the same code, if the producer is gone or failed
+    on it. Returns (rows, the producer or None once it is gone)."""
     import ray
-    from ray.data.block import BlockAccessor
-
-    from orchestrator.data.decode import decode_batch_rows
 
     spec, stats = source.cache, source.decoder.stats
-    producer, wait, rows, why = _producer(spec), POLL_S[0], None, None
+    rows, why = None, None
     while rows is None:
         try:
-            state = ray.get(producer.need.remote(epoch, [w]), timeout=60)[w] if producer is not None else "gone"
+            state = (ray.get(producer.need.remote(epoch, [w], WAIT_S), timeout=WAIT_S + 60)[w]
+                     if producer is not None else "gone")
         except Exception as e:  # the producer died: its files may still be there
             state, producer = f"gone ({type(e).__name__})", None
         if state == "done" or (producer is None and exists(spec.fs, spec.path(epoch, w))):
@@ -591,70 +610,88 @@ def _cached_blocks(source, epoch: int, w: int, mine: Sequence, owns_start: bool)
             if stats is not None:
                 stats.add({"data/cache_read_cpu_ms": int(1000 * (time.thread_time() - t0)),
                            **({k: v for k, v in counts.items() if v} if owns_start else {})})
-        elif state != "pending" and state != "running":
+        elif state not in ("pending", "running"):
             why = state
             break
-        else:
-            time.sleep(wait)
-            wait = min(POLL_S[1], wait * 1.5)
     if rows is None:  # decode it here, with the same code: the stream stays the same
         print(f"[llip] shared data pass: window {w} of epoch {epoch} unavailable ({why}); decoding it in this trial",
               flush=True)
-        rows = decode_window_rows(source, epoch, w, mine, stats=stats)
-        if not rows:
-            return
-    else:
-        pos = rows["pos"]
-        keep = np.zeros(len(pos), dtype=bool)
-        for a, b in mine:
-            keep |= (pos >= a) & (pos < b)
-        rows = {k: v[keep] for k, v in rows.items()}
-    n, step = len(rows["pos"]), decode_batch_rows(source.decoder.image_size)
-    for i in range(0, n, step):  # blocks of the decode path's size
-        yield BlockAccessor.batch_to_block({k: v[i: i + step] for k, v in rows.items()})
+        return decode_window_rows(source, epoch, w, mine, stats=stats), producer
+    pos = rows["pos"]
+    keep = np.zeros(len(pos), dtype=bool)
+    for a, b in mine:
+        keep |= (pos >= a) & (pos < b)
+    return {k: v[keep] for k, v in rows.items()}, producer
 
 
-def cache_dataset(source, epoch: int, intervals: Sequence):
-    """TrainSource.dataset for a source with a cache: the same rows as the decode path, read back."""
-    import ray.data
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
+def cache_batches(source, epoch: int, intervals: Sequence, batch_size: int, dtypes: dict):
+    """The batches `iter_torch_batches(batch_size, drop_last=True, dtypes=...)` gives on the decode
+    path's dataset, read from the shared pass's files by a thread of this process.
 
-    from orchestrator.data.plan import total
+    Why not Ray Data here: reading a window back costs about a tenth of decoding it, and a Ray
+    Data execution per epoch, with a zero-CPU read task per window, cost the trial more than
+    that: its scheduling loop, the blocks' trip through the object store, and (tasks that hold no
+    CPU) Ray starting fresh worker processes for them and stopping them again when idle.
+
+    Demand stays honest: the thread runs at most `concurrency` windows ahead of the batch being
+    trained on, and asks the producer for a window only when it starts on it, so a trial that
+    stops (ASHA) stops asking."""
+    import queue
+    import threading
+
+    import torch
 
     plan = source.plan(epoch)
     ws = plan.windows_overlapping(intervals)
-    producer = _producer(source.cache)
-    if producer is not None and ws:
-        producer.need.remote(epoch, ws[:1])  # start now, while the dataset spins up
+    ahead = queue.Queue(maxsize=max(1, source.concurrency))
+    stop = threading.Event()
+    END = object()
 
-    class CachedWindows(Datasource):
-        def estimate_inmemory_data_size(self):
-            return None
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
-            tasks = []
+    def read() -> None:
+        producer = _producer(source.cache)
+        try:
             for w in ws:
-                mine, owns = plan.clip(w, intervals), plan.owns_start(w, intervals)
-                meta = BlockMetadata(num_rows=total(mine), size_bytes=None, exec_stats=None, input_files=None)
-                tasks.append(ReadTask(lambda w=w, mine=mine, owns=owns: _cached_blocks(source, epoch, w, mine, owns),
-                                      meta))
-            return tasks
+                if stop.is_set():
+                    return
+                rows, producer = _cached_window(source, producer, epoch, w, plan.clip(w, intervals),
+                                                plan.owns_start(w, intervals))
+                if rows and not put(rows):
+                    return
+            put(END)
+        except BaseException as e:  # noqa: BLE001 - raised on the training thread
+            put(e)
 
-    # Reading a file back costs little and the producer holds the decode CPUs: no CPUs reserved here.
-    ds = ray.data.read_datasource(CachedWindows(), num_cpus=0, concurrency=max(1, source.concurrency),
-                                  override_num_blocks=max(1, len(ws)))
-    opts = ds.context.execution_options
-    opts.preserve_order = True
-    # Zero-CPU readers are held back by memory alone: without a cap each would ask for (and have the
-    # producer decode) every window of its epoch at once, including the windows of a trial about to
-    # be stopped. A few windows in flight keep the trainer fed and the demand honest.
-    dec = source.decoder
-    row = row_bytes(dec.image_size, dec.context_length, dec.max_captions if dec.captions == "all" else 1)
-    biggest = max((plan.windows[w].size for w in ws), default=1)
-    from ray.data import ExecutionResources
+    def to_batch(rows: dict, a: int, b: int) -> dict:
+        out = {}
+        for k, v in rows.items():
+            t = torch.from_numpy(np.ascontiguousarray(v[a:b]))
+            out[k] = t.to(dtypes[k]) if k in dtypes and t.dtype != dtypes[k] else t
+        return out
 
-    opts.resource_limits = ExecutionResources(object_store_memory=(max(1, source.concurrency) + 1) * biggest * row)
-    from orchestrator.data.pacing import paced
-
-    return paced(ds)  # quick reads under that cap would otherwise spin the executor (pacing.py)
+    thread = threading.Thread(target=read, name=f"llip-cache-reader-e{epoch}", daemon=True)
+    thread.start()
+    try:
+        left: Optional[dict] = None  # rows of the last window not yet batched
+        while True:
+            item = ahead.get()
+            if item is END:
+                return  # drop_last: a partial batch at the end is not trained on
+            if isinstance(item, BaseException):
+                raise item
+            rows = item if left is None else {k: np.concatenate([left[k], item[k]]) for k in item}
+            n, i = len(rows["pos"]), 0
+            while n - i >= batch_size:
+                yield to_batch(rows, i, i + batch_size)
+                i += batch_size
+            left = {k: v[i:] for k, v in rows.items()} if i < n else None
+    finally:
+        stop.set()
