@@ -38,7 +38,7 @@ demo: sysdeps $(STAMP) data/emoji/manifest.json data/eval/fashion_mnist/manifest
 	$(BIN)/llip run experiments/demo.yaml
 
 test: sysdeps $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/llip_scoring.py

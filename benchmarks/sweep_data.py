@@ -6,9 +6,12 @@ decoding per trial against the same sweep reading one shared decode, in two sett
   jpeg224   the same sweep with the smallest model (`micro`) on those images re-encoded as 224 px
             JPEG shards, decoded and augmented at 224 with patch 16 (a B/16 run's 196 patches),
             100 steps, 2 decode tasks (`data.decode_concurrency`; in the shared mode that is also
-            the producer's tasks and its read-ahead): decoding is the cost (about half of a trial's
-            CPU a sample), and the steps are enough that the trials' start-up (about 35 s each
-            here) is not most of the wall.
+            the producer's tasks and its read-ahead): decoding is about half of a trial's CPU a
+            sample, and the steps are enough that the trials' start-up (about 30 s each here) is
+            not most of the wall.
+  jpeg224-p32  the same with patch 32 (49 patches): the same decode and augmentation at 224, a
+            training step about a third as costly, so decoding dominates, as on GPU trials, where
+            the CPUs do little else.
 
 Both modes run at the same number of trials at once (`--concurrent`, 2: the per-trial mode's own
 limit on 2 cores; the shared mode would otherwise start 3, as its trials reserve no decode CPUs,
@@ -23,10 +26,10 @@ sweep's wall time and of the read+decode CPU seconds (thread CPU time measured i
 decode tasks, the trials' and the shared pass's), the cache's own I/O CPU beside them, and what
 `sweep.shared_data.enabled: auto` decides for the setting (its measured decode share).
 
-    python benchmarks/sweep_data.py [--settings emoji jpeg224] [--rounds 3] [--steps N] [--concurrent 2]
+    python benchmarks/sweep_data.py [--settings emoji jpeg224 jpeg224-p32] [--rounds 3] [--steps N] [--concurrent 2]
 
 Last line: one JSON object; per setting `wall_ratio` and `decode_cpu_ratio` (median shared / median
-per-trial; targets for jpeg224: <= 0.8 and <= 0.35), the spreads, and auto's decision.
+per-trial; targets where decoding is the cost: <= 0.8 and <= 0.35), the spreads, and auto's decision.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-STEPS = {"emoji": 60, "jpeg224": 100}  # per setting, unless --steps
+STEPS = {"emoji": 60, "jpeg224": 100, "jpeg224-p32": 100}  # per setting, unless --steps
 
 
 def jpeg_shards(src: Path, out: Path) -> Path:
@@ -88,8 +91,8 @@ def config(setting: str, shards: Path, mode: str, args, work: Path):
         "sweep.metric": "train/loss", "sweep.mode": "min",
         "sweep.shared_data.enabled": {"per_trial": False, "shared": True, "auto": "auto"}[mode],
     }
-    if setting == "jpeg224":  # the smallest model, at a B/16 run's image size and patch count
-        over.update({"model.size": "micro", "model.image_size": 224, "model.patch_size": 16,
+    if setting.startswith("jpeg224"):  # the smallest model, at a B/16 run's image size (and patch count)
+        over.update({"model.size": "micro", "model.image_size": 224, "model.patch_size": 32 if setting.endswith("p32") else 16,
                      "data.decode_concurrency": 2,  # 2 decode tasks, as 224 px data needs (both modes)
                      "model.width": None, "model.layers": None, "model.heads": None, "model.text_width": None,
                      "model.text_layers": None, "model.text_heads": None, "model.embed_dim": None,
@@ -137,12 +140,15 @@ def summary(values: list[float]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--settings", nargs="+", default=["emoji", "jpeg224"], choices=["emoji", "jpeg224"])
+    ap.add_argument("--settings", nargs="+", default=["emoji", "jpeg224", "jpeg224-p32"],
+                    choices=["emoji", "jpeg224", "jpeg224-p32"])
     ap.add_argument("--rounds", type=int, default=3, help="runs of each mode per setting, interleaved")
     ap.add_argument("--steps", type=int, default=None, help=f"steps per trial (default per setting: {STEPS})")
     ap.add_argument("--shards", default=str(ROOT / "data" / "emoji" / "train"), help="the emoji training shards")
     ap.add_argument("--concurrent", type=int, default=2,
                     help="trials at once, the same for both modes (0: each mode derives its own)")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="skip the uncounted 5-step sweep that starts Ray's worker processes first")
     args = ap.parse_args()
     emoji = Path(args.shards)
     if not emoji.is_dir():
@@ -156,10 +162,16 @@ def main() -> None:
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="llip-sweep-data-") as d:
         shards = {"emoji": emoji}
-        if "jpeg224" in args.settings:
+        if any(x.startswith("jpeg224") for x in args.settings):
             t0 = time.perf_counter()
-            shards["jpeg224"] = jpeg_shards(emoji, Path(d) / "jpeg224")
+            shards["jpeg224"] = shards["jpeg224-p32"] = jpeg_shards(emoji, Path(d) / "jpeg224")
             print(f"[bench] wrote the 224 px JPEG shards in {time.perf_counter() - t0:.1f} s", flush=True)
+        if args.warmup:  # the first sweep on a fresh Ray cluster pays for starting its worker processes
+            setting = args.settings[0]
+            t0 = time.perf_counter()
+            run(setting, shards[setting], "per_trial", argparse.Namespace(**{**vars(args), "steps": 5}),
+                Path(tempfile.mkdtemp(dir=d, prefix="warmup-")))
+            print(f"[bench] warm-up sweep (5 steps, not counted) in {time.perf_counter() - t0:.1f} s", flush=True)
         for setting in args.settings:
             probe = config(setting, shards[setting], "auto", args, Path(d))
             dec, train, share = decode_share(probe)
@@ -203,6 +215,7 @@ def main() -> None:
         print(f"{setting}: shared / per-trial wall {out[setting]['wall_ratio']}, read+decode CPU "
               f"{out[setting]['decode_cpu_ratio']}; auto: {res['auto']}")
     print(json.dumps({"steps": {k: args.steps or STEPS[k] for k in out}, "trials": 4, "rounds": args.rounds,
+                      "warmup": args.warmup,
                       "concurrent": args.concurrent or "derived", **out}))
 
 

