@@ -267,6 +267,7 @@ sweep:
     seed: {{grid: [0, 1]}}
   pairs: [[llip_k8, avg_k8]]
   metric: eval/scenes/rprec
+  shared_data: {{enabled: true}}  # as scenes_reproduce.yaml; auto would decide by this CPU's speed
 """)
     r = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(exp), "--max-concurrent-trials", "2"],
                        cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=780)

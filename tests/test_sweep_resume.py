@@ -42,6 +42,7 @@ sweep:
   max_concurrent_trials: 1
   metric: train/loss
   mode: min
+  shared_data: {{enabled: true}}  # a resumed sweep starts its pass again; auto would decide by this CPU's speed
 """)
     return p
 
