@@ -5,8 +5,9 @@ dataset: here the training worker. The loop blocks in `ray.wait(..., timeout=0.1
 task's output is not ready yet; once every running read task has a block ready that backpressure
 keeps it from taking (the trainer has not caught up), or when no task runs at all, each step returns
 at once and the loop spins, holding the GIL and a core against the training step it feeds. That is
-the common case for a stream whose blocks come quickly (the sweep's shared decode reads finished
-files back) and for any stream the trainer consumes more slowly than it is produced.
+the common case for a stream whose blocks come quickly (as the sweep's shared decode's read tasks
+did, before its reads moved into the trainer's own thread: shared_decode.cache_batches) and for any
+stream the trainer consumes more slowly than it is produced.
 
 Measured here (dev Xeon, 2026-12-05): a Ray Data stream of quick read tasks under an object-store
 limit, consumed at 0.05 s per batch, cost its consumer process 2.9 s of CPU in 4.3 s of wall; with

@@ -162,7 +162,7 @@ def derive_max_concurrent(cfg: ExperimentConfig, available: dict[str, float],
     whose trials reserve only their workers' fractional CPUs, more would only share the cores)."""
     cores = available.get("CPU", 0.0)
     if shared_cpus is not None:
-        available = {**available, "CPU": available.get("CPU", 0.0) - shared_cpus}
+        available = {**available, "CPU": cores - shared_cpus}
     need = trial_resources(cfg, shared=shared_cpus is not None)
     fits = [math.floor(available.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0]
     if not cfg.scaling.use_gpu and fits:
